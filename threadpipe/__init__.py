@@ -1,0 +1,33 @@
+"""threadpipe: thread-pool pipelines over bounded queues for synchronous Python.
+
+Each stage is a pool of threads reading a bounded ``queue.Queue`` and writing to the next stage's;
+stages work eagerly and independently, bounded buffers keep memory flat, the end of input travels as a
+private sentinel, and a worker's exception is raised to the caller as itself::
+
+    import threadpipe as tp
+
+    for path in (tp.Pipeline.from_iter(urls)
+                 .map(download, workers=4)
+                 .map(process, workers=2, ordered=False)
+                 .map(save)):
+        print("saved", path)
+"""
+
+from ._errors import RunStateError as RunStateError
+from ._errors import SourceConsumedError as SourceConsumedError
+from ._errors import ThreadpipeError as ThreadpipeError
+from ._pipeline import DEFAULT_BUFFER as DEFAULT_BUFFER
+from ._pipeline import Pipeline as Pipeline
+from ._run import Run as Run
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "DEFAULT_BUFFER",
+    "Pipeline",
+    "Run",
+    "RunStateError",
+    "SourceConsumedError",
+    "ThreadpipeError",
+    "__version__",
+)

@@ -1,0 +1,301 @@
+"""A run: one execution of a pipeline, its shared state, and the caller's end of it.
+
+:class:`RunState` is what the threads share: the stop flag, the first error, and the count of live
+threads. :class:`Run` is what the caller holds: iterate it, join it, cancel it, or use it as a context
+manager. Threads hold only the state, never the :class:`Run`, so dropping the last reference to an
+unfinished run cancels it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from time import monotonic
+from types import TracebackType
+from typing import Any, Generic, Protocol, TypeVar
+
+from ._channel import Channel, Closed
+from ._errors import RunStateError, label
+
+__all__ = ["Run", "RunState"]
+
+T = TypeVar("T")
+
+# The caller's thread waits in slices this long, so that Ctrl-C is handled promptly on every platform.
+_SLICE = 0.1
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class RunState:
+    """What the threads of one run share."""
+
+    def __init__(self) -> None:
+        # A one-element list rather than an Event: workers read it before every call, and indexing
+        # a list is the cheapest read there is. Written once (False -> True), under ``_lock``.
+        self.stop = [False]
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.done = threading.Event()
+        self.closables: list[_Closable] = []
+        self._lock = threading.Lock()
+        self._live = 0
+
+    def thread_started(self) -> None:
+        """Count a thread about to start; the run is done when every counted thread has exited."""
+        with self._lock:
+            self._live += 1
+
+    def thread_exited(self) -> None:
+        """Count a thread out; the last one marks the run done."""
+        with self._lock:
+            self._live -= 1
+            last = self._live == 0
+        if last:
+            self.done.set()
+
+    @property
+    def live_threads(self) -> int:
+        """Threads of the run that have not exited yet."""
+        return self._live
+
+    def fail(self, exc: BaseException, stage: str, item: object, *, has_item: bool = True) -> None:
+        """Record a failure and stop the run; the first failure is the one the caller sees.
+
+        Args:
+            exc: the exception, raised again to the caller as itself.
+            stage: the stage it was raised in.
+            item: the item being processed.
+            has_item: False when there was no item (the source failed).
+        """
+        label(exc, stage, item, has_item=has_item)
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+        self._stop()
+
+    def cancel(self) -> None:
+        """Stop the run at the caller's request: no new calls start, every blocked thread wakes.
+
+        A no-op on a run that already ended, so that cleaning up after a complete run does not mark
+        it cancelled.
+        """
+        if self.done.is_set():
+            return
+        with self._lock:
+            if not self.stop[0]:
+                self.cancelled = True
+        self._stop()
+
+    def _stop(self) -> None:
+        with self._lock:
+            if self.stop[0]:
+                return
+            self.stop[0] = True
+        for closable in self.closables:
+            closable.close()
+
+
+class _Output(Generic[T]):
+    """The caller's iterator over a run's outputs: takes them from the last channel in batches."""
+
+    def __init__(self, run: Run[T]) -> None:
+        self._run = run  # keeps the run alive (and so not cancelled) while this iterator is
+        self._state = run._state
+        self._channel = run._output
+        self._stop = run._state.stop
+        self._buffer: deque[Any] = deque()
+        self._batch = max(1, run._output.maxsize)
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._buffer and not self._stop[0]:
+            return self._buffer.popleft()  # type: ignore[no-any-return]
+        return self._refill()
+
+    def _refill(self) -> T:
+        while True:
+            if self._stop[0]:
+                self._stopped()
+            try:
+                got = self._channel.get_many(self._batch, _SLICE)
+            except Closed:
+                self._stopped()
+            except BaseException:
+                # Ctrl-C (or any asynchronous exception) while waiting: stop the run, then let it go.
+                self._state.cancel()
+                raise
+            if got is None:
+                continue
+            items = got[0]
+            if not items:
+                self._run._finished = True
+                raise StopIteration
+            buffer = self._buffer
+            buffer.extend(items)
+            return buffer.popleft()  # type: ignore[no-any-return]
+
+    def count(self) -> int:
+        """Consume everything left and return how many outputs there were (no per-item call)."""
+        n = len(self._buffer)
+        self._buffer.clear()
+        while True:
+            if self._stop[0]:
+                self._stopped()
+            try:
+                got = self._channel.get_many(self._batch, _SLICE)
+            except Closed:
+                self._stopped()
+            except BaseException:
+                self._state.cancel()
+                raise
+            if got is None:
+                continue
+            if not got[0]:
+                self._run._finished = True
+                return n
+            n += len(got[0])
+
+    def _stopped(self) -> Any:
+        self._buffer.clear()
+        self._run._raise_error()
+        raise StopIteration
+
+
+class Run(Generic[T]):
+    """One execution of a pipeline, returned by :meth:`Pipeline.start`.
+
+    Iterate it (once) to get the outputs. ``join()`` waits for every thread and raises the stage's
+    exception if one failed. ``cancel()`` stops it. As a context manager, leaving the block cancels
+    whatever is unfinished and joins.
+    """
+
+    def __init__(self, state: RunState, output: Channel, stages: tuple[Any, ...]) -> None:
+        self._state = state
+        self._output = output
+        self._stages = stages
+        self._iterated = False
+        self._finished = False
+        # Dropping the last reference to an unfinished run cancels it, and so does interpreter exit
+        # (finalize runs its callbacks at exit), so a forgotten run never keeps threads busy.
+        self._finalizer = weakref.finalize(self, state.cancel)
+
+    def __repr__(self) -> str:
+        if self._state.error is not None:
+            status = f"failed: {type(self._state.error).__name__}"
+        elif self._state.cancelled:
+            status = "cancelled"
+        elif self._state.done.is_set():
+            status = "done"
+        else:
+            status = "running"
+        names = ", ".join(stage.spec.name for stage in self._stages)
+        return f"<threadpipe.Run [{names}] {status}>"
+
+    def __iter__(self) -> Iterator[T]:
+        """Return the iterator over the outputs.
+
+        Raises:
+            RunStateError: the run was already iterated.
+        """
+        if self._iterated:
+            raise RunStateError(
+                "this run was already iterated: a run yields its outputs once; "
+                "call pipeline.start() again for a new run"
+            )
+        self._iterated = True
+        return _Output(self)
+
+    @property
+    def done(self) -> bool:
+        """Whether every thread of the run has exited."""
+        return self._state.done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the run was cancelled (by ``cancel()``, an early exit or a dropped iterator)."""
+        return self._state.cancelled
+
+    @property
+    def exception(self) -> BaseException | None:
+        """The exception that failed the run, or None."""
+        return self._state.error
+
+    def cancel(self) -> None:
+        """Stop the run without waiting for it.
+
+        No function is called again after this returns, blocked threads wake and exit, the source
+        is no longer pulled (a generator source is closed by the feeder thread). A call already
+        running is not interrupted: its thread exits when the call returns. Iteration ends quietly
+        (or raises the run's exception if a stage had already failed). Idempotent.
+        """
+        self._state.cancel()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until every thread of the run has exited.
+
+        This does not consume outputs: iterate the run (or cancel it) first, otherwise a run whose
+        outputs nobody reads waits once its last buffer is full.
+
+        Args:
+            timeout: the most seconds to wait; None waits as long as it takes.
+
+        Raises:
+            TimeoutError: the timeout passed with threads still running (the run goes on).
+            BaseException: the exception a stage or the source raised, as itself.
+        """
+        deadline = None if timeout is None else monotonic() + timeout
+        done = self._state.done
+        try:
+            while True:
+                wait = _SLICE if deadline is None else min(_SLICE, max(0.0, deadline - monotonic()))
+                if done.wait(wait):
+                    break
+                if deadline is not None and monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"the run did not finish within {timeout} s "
+                        f"({self._state.live_threads} threads still running)"
+                    )
+        except KeyboardInterrupt:
+            self._state.cancel()
+            raise
+        self._raise_error()
+
+    def _raise_error(self) -> None:
+        error = self._state.error
+        if error is not None:
+            try:
+                raise error
+            finally:
+                # The traceback holds this frame, which holds ``error``: drop the local reference
+                # so the exception does not keep the frame (and its locals) alive in a cycle.
+                error = None
+
+    def __enter__(self) -> Run[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._finished:
+            self._state.cancel()
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Ctrl-C or SystemExit: return control at once rather than wait for running calls.
+            return
+        try:
+            self.join()
+        except BaseException as error:
+            if exc is None:
+                raise
+            if error is not exc:
+                # The block's own exception propagates; keep the stage's failure visible on it.
+                exc.add_note(f"threadpipe: the run also failed with {type(error).__name__}: {error}")

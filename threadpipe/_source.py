@@ -1,0 +1,104 @@
+"""The source: the user's iterable, and the feeder thread that pulls it into the first buffer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ._channel import Channel, Closed
+from ._errors import SourceConsumedError, describe
+
+if TYPE_CHECKING:
+    from ._run import RunState
+
+__all__ = ["Source", "SOURCE_NAME"]
+
+SOURCE_NAME = "source"
+
+
+def _is_iterable(obj: object) -> bool:
+    cls = type(obj)
+    return hasattr(cls, "__iter__") or hasattr(cls, "__getitem__")
+
+
+class Source:
+    """A pipeline's source as built: an iterable, and whether it can be iterated more than once.
+
+    An object that is its own iterator (a generator, a file, ``iter(x)``) can feed one run only; any
+    other iterable (a list, a range, a dict) is iterated afresh by every run.
+
+    Args:
+        iterable: the items to feed.
+
+    Raises:
+        TypeError: ``iterable`` is not iterable.
+    """
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        if not _is_iterable(iterable):
+            raise TypeError(
+                f"from_iter(iterable) needs an iterable, got {describe(iterable)} "
+                f"of type {type(iterable).__qualname__}"
+            )
+        self.iterable = iterable
+        self.one_shot = iter(iterable) is iterable
+        self._lock = threading.Lock()
+        self._opened = False
+
+    def open(self) -> Iterator[Any]:
+        """Return a fresh iterator over the items.
+
+        Raises:
+            SourceConsumedError: the source is a one-shot iterator that a previous run already used.
+        """
+        with self._lock:
+            if self.one_shot:
+                if self._opened:
+                    raise SourceConsumedError(
+                        f"this pipeline's source is a one-shot iterator "
+                        f"({type(self.iterable).__qualname__}) that an earlier run already consumed; "
+                        "build the pipeline on a re-iterable source (a list, a range) to run it again"
+                    )
+                self._opened = True
+        return iter(self.iterable)
+
+    @property
+    def length_hint(self) -> int | None:
+        """The source's length when it is known without consuming it, else None."""
+        try:
+            return len(self.iterable)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+
+
+def feed(iterator: Iterator[Any], out: Channel, run: RunState) -> None:
+    """Pull ``iterator`` into ``out`` until it ends or the run stops; runs in the feeder thread.
+
+    A generator is closed here, in the thread that iterates it (a generator cannot be closed from
+    another thread while it runs), so its ``finally`` blocks run when the run is cancelled.
+    """
+    stop = run.stop
+    try:
+        for item in iterator:
+            if stop[0]:
+                break
+            if not out.try_put(item):
+                out.put_many([item])
+            del item
+        else:
+            out.put_end()
+            return
+    except Closed:
+        pass
+    except BaseException as exc:
+        run.fail(exc, SOURCE_NAME, None, has_item=False)
+    finally:
+        try:
+            close = getattr(iterator, "close", None)
+            if close is not None and stop[0]:
+                close()
+        except BaseException as exc:
+            run.fail(exc, SOURCE_NAME, None, has_item=False)
+        finally:
+            run.thread_exited()

@@ -1,0 +1,251 @@
+"""The worker pool: one stage of a run, a set of threads between an input and an output channel.
+
+A stage starts with one worker and grows to its ``workers`` only as work needs it: a worker that takes
+items and leaves more waiting, with no sibling idle to take them, starts a sibling. A pipeline of wide
+stages therefore pays for threads only where the load calls for them.
+
+Each worker loops: take a batch from the input channel, call the user's function on each item, put
+the outputs downstream (directly, or through the reorder buffer when the stage is ordered). The batch
+size adapts: it starts at one item and grows while calls are fast, so cheap functions pay one lock
+round-trip per batch instead of per item, and slow ones are shared out one item at a time.
+
+The end of input is the sentinel at the head of the input channel; every worker sees it, and the
+last one to exit sends it on, so stages close in a cascade.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Final
+
+from ._channel import Channel, Closed
+from ._reorder import Reorder
+
+if TYPE_CHECKING:
+    from ._run import RunState
+
+__all__ = ["EACH", "FILTER", "FLAT_MAP", "MAP", "Stage", "StageSpec", "held_bound"]
+
+MAP: Final = "map"
+FILTER: Final = "filter"
+FLAT_MAP: Final = "flat_map"
+EACH: Final = "each"
+
+# A batch is sized so that the calls in it take about this long: long enough to amortise the lock
+# round-trips of taking and putting, short enough that slow items are still shared between workers.
+_BATCH_SECONDS: Final = 0.0002
+
+_NO_ITEM: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """What a stage is, as built: never changes, shared by every run of the pipeline.
+
+    Attributes:
+        kind: one of ``map``, ``filter``, ``flat_map``, ``each``.
+        fn: the user's function.
+        workers: the most threads the stage runs.
+        ordered: whether outputs keep input order.
+        name: the stage's label in errors, thread names and statistics.
+        capacity: how many items the stage's input buffer holds.
+    """
+
+    kind: str
+    fn: Callable[[Any], Any]
+    workers: int
+    ordered: bool
+    name: str
+    capacity: int
+
+    @property
+    def reorders(self) -> bool:
+        """Whether the stage needs a reorder buffer (ordered, with more than one worker)."""
+        return self.ordered and self.workers > 1
+
+    @property
+    def batch_limit(self) -> int:
+        """The most items one worker takes at once: the input buffer shared among the workers."""
+        return max(1, self.capacity // self.workers)
+
+
+def held_bound(spec: StageSpec) -> int:
+    """The most input items a stage holds outside its input buffer (in workers, reorder buffer)."""
+    held = max(spec.workers, spec.workers * spec.batch_limit)
+    return 2 * held if spec.reorders else held
+
+
+@dataclass(slots=True)
+class _Counters:
+    """One worker's running counts; only that worker writes them, readers sum over workers."""
+
+    items_in: int = 0
+    items_out: int = 0
+    busy_seconds: float = 0.0
+
+
+class Stage:
+    """One stage of a run: its workers, their counters, and the channels around them.
+
+    Args:
+        spec: what to run.
+        inp: the channel the workers read.
+        out: the channel the outputs go to.
+        run: the run's shared state (stop flag, error, thread accounting).
+    """
+
+    def __init__(self, spec: StageSpec, inp: Channel, out: Channel, run: RunState) -> None:
+        self.spec = spec
+        self.inp = inp
+        self.out = out
+        self.run = run
+        self.reorder = Reorder(out, held_bound(spec)) if spec.reorders else None
+        self.counters: list[_Counters] = []
+        # ``_lock`` guards the worker accounting below. ``alive`` and ``spawned`` change together
+        # under it, so the last worker to exit is known exactly and sends the sentinel once.
+        self._lock = threading.Lock()
+        self.spawned = 0
+        self.alive = 0
+        self.ended = False
+
+    def start(self) -> None:
+        """Start the first worker."""
+        self._grow()
+
+    def _grow(self) -> None:
+        """Start one more worker if the stage has room for one and input is not over."""
+        if self.spawned >= self.spec.workers or self.ended:  # unlocked fast path; rechecked below
+            return
+        with self._lock:
+            if self.spawned >= self.spec.workers or self.ended or self.run.stop[0]:
+                return
+            index = self.spawned
+            self.spawned += 1
+            self.alive += 1
+            counters = _Counters()
+            self.counters.append(counters)
+        self.run.thread_started()
+        thread = threading.Thread(
+            target=self._work,
+            args=(counters,),
+            name=f"threadpipe-{self.spec.name}-{index}",
+            daemon=True,
+        )
+        try:
+            thread.start()
+        except BaseException:
+            # No thread, so nobody will run _work's exit accounting: undo it here.
+            self._exit(saw_end=False)
+            raise
+
+    def _exit(self, saw_end: bool) -> None:
+        with self._lock:
+            self.alive -= 1
+            last = self.alive == 0
+            if saw_end:
+                self.ended = True
+        if last and saw_end and not self.run.stop[0]:
+            self.out.put_end()
+        self.run.thread_exited()
+
+    def _work(self, counters: _Counters) -> None:
+        spec = self.spec
+        fn = spec.fn
+        kind = spec.kind
+        inp = self.inp
+        out = self.out
+        reorder = self.reorder
+        gate = reorder.gate if reorder is not None else None
+        stop = self.run.stop
+        limit = spec.batch_limit
+        size = 1
+        saw_end = False
+        item: Any = _NO_ITEM
+        try:
+            while True:
+                wanted = gate.acquire(size) if gate is not None else size
+                got = inp.get_many(wanted)
+                assert got is not None  # no timeout given
+                items, number, backlog = got
+                taken = len(items)
+                if gate is not None and taken < wanted:
+                    gate.release(wanted - taken)
+                if not taken:
+                    saw_end = True
+                    return
+                if backlog:
+                    self._grow()
+                started = perf_counter()
+                # One loop per kind, so the per-item path has no branch on the kind. Each checks
+                # the stop flag before every call: after a cancel the function is never called again.
+                if kind is MAP:
+                    outputs = []
+                    for item in items:
+                        if stop[0]:
+                            raise Closed
+                        outputs.append(fn(item))
+                elif kind is FILTER:
+                    outputs = []
+                    for item in items:
+                        if stop[0]:
+                            raise Closed
+                        if fn(item):
+                            outputs.append(item)
+                elif kind is EACH:
+                    for item in items:
+                        if stop[0]:
+                            raise Closed
+                        fn(item)
+                    outputs = items
+                else:
+                    outputs = self._flat_map(items, number, counters)
+                elapsed = perf_counter() - started
+                item = _NO_ITEM
+                counters.items_in += taken
+                counters.items_out += len(outputs)
+                counters.busy_seconds += elapsed
+                # Size the next batch so its calls take about _BATCH_SECONDS.
+                if elapsed > 0:
+                    size = int(_BATCH_SECONDS * taken / elapsed)
+                    size = 1 if size < 1 else limit if size > limit else size
+                else:
+                    size = limit
+                if reorder is not None:
+                    reorder.complete(number, taken, outputs)
+                elif outputs:
+                    out.put_many(outputs)
+                del items, outputs  # hand the references on; a slow consumer keeps no extra copy
+        except Closed:
+            pass
+        except BaseException as exc:
+            self.run.fail(exc, spec.name, item, has_item=item is not _NO_ITEM)
+        finally:
+            self._exit(saw_end)
+
+    def _flat_map(self, items: list[Any], number: int, counters: _Counters) -> list[Any]:
+        """Run a flat_map batch; unordered outputs are streamed on in chunks as they come."""
+        fn = self.spec.fn
+        stop = self.run.stop
+        out = self.out
+        stream = self.reorder is None
+        chunk = max(1, out.maxsize)
+        outputs: list[Any] = []
+        for item in items:
+            if stop[0]:
+                raise Closed
+            try:
+                for result in fn(item):
+                    outputs.append(result)
+                    if stream and len(outputs) >= chunk:
+                        counters.items_out += len(outputs)
+                        out.put_many(outputs)
+                        outputs = []
+            except Closed:
+                raise
+            except BaseException as exc:
+                self.run.fail(exc, self.spec.name, item)
+                raise Closed from None
+        return outputs
