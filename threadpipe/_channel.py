@@ -15,6 +15,7 @@ class's lock and conditions (``mutex``, ``not_empty``, ``not_full``), adding thr
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 from typing import Any, Final
 
 __all__ = ["END", "Channel", "Closed"]
@@ -54,9 +55,11 @@ class Channel(queue.Queue[Any]):
         # Count of items ever taken, used to number items for ordered stages. Read and written
         # under ``mutex`` only, so that numbering and taking are one atomic step.
         self.taken = 0
-        # Getters blocked on an empty channel: a stage uses it to decide whether starting another
-        # worker would help (items waiting and nobody idle to take them).
+        # Getters blocked on an empty channel. When items arrive and nobody is idle to take them,
+        # ``on_starved`` (set by the reading stage while it can still grow) is called, outside the
+        # lock, by the thread that put them: that is how a stage learns it needs another worker.
         self.idle_getters = 0
+        self.on_starved: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r} {self.qsize()}/{self.maxsize}{' closed' if self.closed else ''}>"
@@ -92,7 +95,10 @@ class Channel(queue.Queue[Any]):
                 return False
             q.append(item)
             self.not_empty.notify()
-            return True
+            starved = len(q) > 1 and not self.idle_getters
+        if starved and self.on_starved is not None:
+            self.on_starved()
+        return True
 
     def put_many(self, items: list[Any], timeout: float | None = None) -> int:
         """Append all of ``items`` in order, waiting for room as needed.
@@ -109,37 +115,49 @@ class Channel(queue.Queue[Any]):
         """
         n = len(items)
         done = 0
-        with self.not_full:
-            q = self.queue
-            while done < n:
-                if self.closed:
-                    raise Closed
-                room = self.maxsize - len(q)
-                if room <= 0:
-                    if not self.not_full.wait(timeout) and timeout is not None:
-                        return done
-                    continue
-                if room >= n - done:
-                    q.extend(items[done:] if done else items)
-                    room = n - done
-                else:
-                    q.extend(items[done : done + room])
-                done += room
-                self.not_empty.notify(room)
+        starved = False
+        try:
+            with self.not_full:
+                q = self.queue
+                while done < n:
+                    if self.closed:
+                        raise Closed
+                    room = self.maxsize - len(q)
+                    if room <= 0:
+                        if not self.not_full.wait(timeout) and timeout is not None:
+                            return done
+                        continue
+                    if room >= n - done:
+                        q.extend(items[done:] if done else items)
+                        room = n - done
+                    else:
+                        q.extend(items[done : done + room])
+                    done += room
+                    self.not_empty.notify(room)
+                    # Growing helps when items pile up: some were already waiting before these.
+                    starved = starved or (len(q) > room and not self.idle_getters)
+        finally:
+            # Outside the lock: growing a stage starts a thread, which must not hold up others.
+            if starved and self.on_starved is not None:
+                self.on_starved()
         return done
 
-    def get_many(self, max_items: int, timeout: float | None = None) -> tuple[list[Any], int, int] | None:
+    def get_many(
+        self, max_items: int, timeout: float | None = None, share: int = 1
+    ) -> tuple[list[Any], int] | None:
         """Take up to ``max_items`` items that are already there, waiting only for the first.
 
         Args:
             max_items: the most items to take (>= 1).
             timeout: the most seconds to wait for an item; None waits as long as it takes.
+            share: how many getters share this channel: take no more than a ``1/share`` part of
+                the items waiting (rounded up), so that one getter never hoards items that idle
+                siblings could be working on.
 
         Returns:
-            None when the timeout ran out. Otherwise ``(items, first_number, backlog)``: the items
-            taken, in order (an empty list means end of input: the sentinel was at the head and was
-            left there for the next getter); the running number of the first item taken; and how
-            many items are still waiting with no idle getter to take them.
+            None when the timeout ran out. Otherwise ``(items, first_number)``: the items taken, in
+            order (an empty list means end of input: the sentinel was at the head and was left
+            there for the next getter), and the running number of the first item taken.
 
         Raises:
             Closed: the channel was closed.
@@ -160,11 +178,13 @@ class Channel(queue.Queue[Any]):
                 raise Closed
             first = q[0]
             if first is END:
-                return [], self.taken, 0
+                return [], self.taken
             n = len(q)
             if q[-1] is END:
                 # The sentinel is always last when present: nothing is appended after it.
                 n -= 1
+            if share > 1:
+                n = -(-n // share)
             if max_items == 1 or n == 1:
                 items = [q.popleft()]
             else:
@@ -175,7 +195,9 @@ class Channel(queue.Queue[Any]):
             number = self.taken
             self.taken = number + len(items)
             self.not_full.notify(len(items))
-            left = len(q)
-            backlog = 0 if self.idle_getters or not left or q[0] is END else left
-            return items, number, backlog
+            starved = bool(q) and not self.idle_getters and q[0] is not END
+        # Items left behind with nobody idle to take them: the stage may need another worker.
+        if starved and self.on_starved is not None:
+            self.on_starved()
+        return items, number
 

@@ -255,24 +255,28 @@ class Pipeline(Generic[T]):
         state.closables.extend(channels)
         state.closables.extend(stage.reorder.gate for stage in stages if stage.reorder is not None)
         run: Run[T] = Run(state, channels[-1], stages)
+        # Count the starting itself as a live thread, so the run cannot look done (every thread
+        # exited) between the feeder finishing a short source and the first worker starting.
+        state.thread_started()
         try:
             state.thread_started()
-            threading.Thread(
-                target=feed,
-                args=(iterator, channels[0], state),
-                name=f"threadpipe-{SOURCE_NAME}-0",
-                daemon=True,
-            ).start()
-        except BaseException:
-            state.thread_exited()
-            state.cancel()
-            raise
-        try:
+            try:
+                threading.Thread(
+                    target=feed,
+                    args=(iterator, channels[0], state),
+                    name=f"threadpipe-{SOURCE_NAME}-0",
+                    daemon=True,
+                ).start()
+            except BaseException:
+                state.thread_exited()
+                raise
             for stage in stages:
                 stage.start()
         except BaseException:
             state.cancel()
             raise
+        finally:
+            state.thread_exited()
         return run
 
     def __iter__(self) -> Iterator[T]:

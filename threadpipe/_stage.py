@@ -1,8 +1,8 @@
 """The worker pool: one stage of a run, a set of threads between an input and an output channel.
 
-A stage starts with one worker and grows to its ``workers`` only as work needs it: a worker that takes
-items and leaves more waiting, with no sibling idle to take them, starts a sibling. A pipeline of wide
-stages therefore pays for threads only where the load calls for them.
+A stage starts with one worker and grows to its ``workers`` only as work needs it: when items arrive
+in its input channel and no worker is idle to take them, the thread that put them starts one more. A
+pipeline of wide stages therefore pays for threads only where the load calls for them.
 
 Each worker loops: take a batch from the input channel, call the user's function on each item, put
 the outputs downstream (directly, or through the reorder buffer when the stage is ordered). The batch
@@ -110,9 +110,12 @@ class Stage:
         self.spawned = 0
         self.alive = 0
         self.ended = False
+        if spec.workers > 1:
+            # Set before any thread of the run starts, so no put can miss it.
+            inp.on_starved = self._grow
 
     def start(self) -> None:
-        """Start the first worker."""
+        """Start the first worker; the input channel asks for more when items find nobody idle."""
         self._grow()
 
     def _grow(self) -> None:
@@ -124,6 +127,8 @@ class Stage:
                 return
             index = self.spawned
             self.spawned += 1
+            if self.spawned == self.spec.workers:
+                self.inp.on_starved = None  # fully grown: spare the producers the call
             self.alive += 1
             counters = _Counters()
             self.counters.append(counters)
@@ -161,23 +166,22 @@ class Stage:
         gate = reorder.gate if reorder is not None else None
         stop = self.run.stop
         limit = spec.batch_limit
+        share = spec.workers
         size = 1
         saw_end = False
         item: Any = _NO_ITEM
         try:
             while True:
                 wanted = gate.acquire(size) if gate is not None else size
-                got = inp.get_many(wanted)
+                got = inp.get_many(wanted, None, share)
                 assert got is not None  # no timeout given
-                items, number, backlog = got
+                items, number = got
                 taken = len(items)
                 if gate is not None and taken < wanted:
                     gate.release(wanted - taken)
                 if not taken:
                     saw_end = True
                     return
-                if backlog:
-                    self._grow()
                 started = perf_counter()
                 # One loop per kind, so the per-item path has no branch on the kind. Each checks
                 # the stop flag before every call: after a cancel the function is never called again.

@@ -1,0 +1,144 @@
+"""Building pipelines: results of each operator, argument checks, names, buffers, restarts."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import pytest
+
+import threadpipe as tp
+from threadpipe import Pipeline
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def test_map_filter_flat_map_each_give_what_plain_python_gives() -> None:
+    seen: list[int] = []
+    out = (
+        Pipeline.from_iter(range(50))
+        .map(double, workers=3)
+        .filter(lambda x: x % 3 != 0, workers=2)
+        .flat_map(lambda x: [x] * (x % 4), workers=2)
+        .each(seen.append)
+        .to_list()
+    )
+    expected = [y for x in range(50) for y in [2 * x] * ((2 * x) % 4) if (2 * x) % 3 != 0]
+    assert out == expected
+    assert seen == expected
+
+
+def test_none_is_ordinary_data() -> None:
+    assert Pipeline.from_iter([None, 0, None]).map(lambda x: x, workers=2).to_list() == [None, 0, None]
+    assert Pipeline.from_iter([1, 2]).map(lambda x: None).to_list() == [None, None]
+
+
+def test_empty_source_and_no_stages() -> None:
+    assert Pipeline.from_iter([]).map(double, workers=4).to_list() == []
+    assert Pipeline.from_iter("abc").to_list() == ["a", "b", "c"]
+    assert Pipeline.from_iter([]).run() == 0
+
+
+def test_run_returns_the_number_of_outputs() -> None:
+    assert Pipeline.from_iter(range(1000)).filter(lambda x: x % 2, workers=2).run() == 500
+
+
+def test_building_is_lazy_and_immutable() -> None:
+    calls: list[int] = []
+    base = Pipeline.from_iter(range(3))
+    a = base.map(lambda x: calls.append(x) or x)
+    assert calls == []
+    b = base.map(double)
+    assert a.to_list() == [0, 1, 2] and b.to_list() == [0, 2, 4]
+    assert base.to_list() == [0, 1, 2]
+    assert base.stage_names == ()
+
+
+def test_reiterable_source_can_run_again_and_one_shot_source_cannot() -> None:
+    p = Pipeline.from_iter(range(5)).map(double)
+    assert p.to_list() == p.to_list() == [0, 2, 4, 6, 8]
+    g = Pipeline.from_iter(x for x in range(3)).map(double)
+    assert g.to_list() == [0, 2, 4]
+    with pytest.raises(tp.SourceConsumedError, match="one-shot"):
+        g.start()
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "words"),
+    [
+        (lambda p: p.map(double, workers=0), ValueError, ["workers", "0"]),
+        (lambda p: p.map(double, workers=-3), ValueError, ["workers", "-3"]),
+        (lambda p: p.map(double, workers=2.0), TypeError, ["workers", "2.0"]),
+        (lambda p: p.map(double, workers=True), TypeError, ["workers", "True"]),
+        (lambda p: p.map(double, workers="4"), TypeError, ["workers", "'4'"]),
+        (lambda p: p.map(3), TypeError, ["fn", "3"]),
+        (lambda p: p.filter(None), TypeError, ["fn", "None"]),
+        (lambda p: p.map(double, ordered="yes"), TypeError, ["ordered", "'yes'"]),
+        (lambda p: p.map(double, name=""), TypeError, ["name", "''"]),
+        (lambda p: p.backpressure(0), ValueError, ["n", "0"]),
+        (lambda p: p.backpressure(None), TypeError, ["n", "None"]),
+    ],
+)
+def test_bad_arguments_fail_at_build_naming_parameter_and_value(call, exc, words) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(exc) as info:
+        call(Pipeline.from_iter([1]))
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_from_iter_needs_an_iterable() -> None:
+    with pytest.raises(TypeError, match="iterable.*42"):
+        Pipeline.from_iter(42)  # type: ignore[arg-type]
+
+
+def test_stage_names_default_to_the_function_and_are_unique() -> None:
+    p = Pipeline.from_iter([1]).map(double).map(double).map(lambda x: x).filter(bool, name="keep")
+    assert p.stage_names == ("double", "double2", "map", "keep")
+    with pytest.raises(ValueError, match="'keep'"):
+        p.map(double, name="keep")
+
+
+def test_backpressure_sizes_the_next_buffer_and_the_bound_adds_up() -> None:
+    p = Pipeline.from_iter([1]).backpressure(5).map(double).backpressure(7).map(double, workers=3)
+    assert p.output_capacity == tp.DEFAULT_BUFFER
+    with p.start() as run:
+        assert [s.inp.maxsize for s in run._stages] == [5, 7]
+        assert list(run) == [4]
+    q = p.backpressure(2)
+    assert q.output_capacity == 2
+    # source buffer 5 + worker 5; buffer 7 + 3 workers x 2 each, twice for reordering; output 2 x 2; feeder 1
+    assert q.buffer_bound() == (5 + 5) + (7 + 2 * 6) + 2 * 2 + 1
+
+
+def test_memory_stays_within_the_documented_bound() -> None:
+    pulled = itertools.count()
+    release = __import__("threading").Event()
+
+    def source() -> Iterator[int]:
+        for i in itertools.count():
+            next(pulled)
+            yield i
+
+    p = Pipeline.from_iter(source()).map(double, workers=2).backpressure(4).map(double, workers=3).backpressure(3)
+    run = p.start()
+    # Nobody reads the output: the run must stop pulling the source once every buffer is full.
+    import time
+
+    deadline = time.monotonic() + 10
+    channels = [stage.inp for stage in run._stages] + [run._output]
+    while any(ch.qsize() < ch.maxsize for ch in channels) and time.monotonic() < deadline:
+        release.wait(0.01)
+    n1 = next(pulled)
+    release.wait(0.2)  # give a runaway source the chance to show itself
+    n2 = next(pulled)
+    run.cancel()
+    run.join(10)
+    assert n1 <= p.buffer_bound() + 1
+    assert n2 == n1 + 1, "the source kept being pulled with every buffer full"
+
+
+def test_repr_names_the_stages() -> None:
+    p = Pipeline.from_iter([1]).map(double, workers=2)
+    assert "double" in repr(p) and "workers=2" in repr(p)
