@@ -108,8 +108,9 @@ def test_backpressure_sizes_the_next_buffer_and_the_bound_adds_up() -> None:
         assert list(run) == [4]
     q = p.backpressure(2)
     assert q.output_capacity == 2
-    # source buffer 5 + worker 5; buffer 7 + 3 workers x 2 each, twice for reordering; output 2 x 2; feeder 1
-    assert q.buffer_bound() == (5 + 5) + (7 + 2 * 6) + 2 * 2 + 1
+    # buffer 5 + its worker 5; buffer 7 + workers ceil(7/1) + ceil(7/2) + ceil(7/3), twice for
+    # reordering; the output buffer and the batch the caller took from it; the feeder 1
+    assert q.buffer_bound() == (5 + 5) + (7 + 2 * (7 + 4 + 3)) + 2 * 2 + 1
 
 
 def test_memory_stays_within_the_documented_bound() -> None:

@@ -1,13 +1,11 @@
-"""The reorder buffer: output in number order, streamed, bounded by its gate."""
+"""The reorder buffer: output in number order, streamed, and bounded by the input's window."""
 
 from __future__ import annotations
 
 import threading
 
-import pytest
-
 from threadpipe._channel import Channel, Closed
-from threadpipe._reorder import Gate, Reorder
+from threadpipe._reorder import Reorder
 
 
 def drain(ch: Channel) -> list[object]:
@@ -21,61 +19,56 @@ def drain(ch: Channel) -> list[object]:
 
 def test_emits_in_number_order_as_soon_as_the_head_is_done() -> None:
     ch = Channel(100)
-    r = Reorder(ch, window=10)
+    r = Reorder(Channel(100), ch, window=10)
     r.complete(2, 1, ["c"])
     r.complete(1, 1, ["b"])
     assert drain(ch) == []  # the head (0) is missing: nothing may pass
     r.complete(0, 1, ["a"])
     assert drain(ch) == ["a", "b", "c"]
     r.complete(3, 2, ["d", "e"])  # a batch of two numbers
-    r.complete(5, 1, [])  # filtered out: produces nothing but advances the head
+    r.complete(5, 1, [])  # filtered out: produces nothing but moves the head on
     r.complete(6, 1, ["g"])
     assert drain(ch) == ["d", "e", "g"]
     assert r.held() == 0
 
 
-def test_gate_grants_up_to_what_is_free_and_blocks_at_zero() -> None:
-    g = Gate(3)
-    assert g.acquire(5) == 3
-    acquired = threading.Event()
+def test_the_window_limits_what_can_be_taken_until_the_head_leaves() -> None:
+    inp = Channel(100)
+    inp.put_many(list(range(10)))
+    r = Reorder(inp, Channel(100), window=3)
+    got = inp.get_many(10)
+    assert got is not None and got[0] == [0, 1, 2]  # no more than the window
+    taken = threading.Event()
 
-    def waiter() -> None:
-        g.acquire(1)
-        acquired.set()
+    def getter() -> None:
+        inp.get_many(10)
+        taken.set()
 
-    t = threading.Thread(target=waiter)
+    t = threading.Thread(target=getter)
     t.start()
-    assert not acquired.wait(0.05)
-    g.release(1)
+    assert not taken.wait(0.05)  # window full: the getter waits
+    r.complete(1, 2, ["b", "c"])
+    assert not taken.wait(0.05)  # the head (0) has not left: still full
+    r.complete(0, 1, ["a"])
     t.join(5)
-    assert acquired.is_set()
+    assert taken.is_set()
 
 
-def test_gate_close_wakes_waiters() -> None:
-    g = Gate(1)
-    g.acquire(1)
+def test_close_wakes_a_getter_waiting_on_the_window() -> None:
+    inp = Channel(10)
+    inp.put_many([1, 2])
+    Reorder(inp, Channel(10), window=1)
+    assert inp.get_many(5) is not None
     raised = threading.Event()
 
-    def waiter() -> None:
+    def getter() -> None:
         try:
-            g.acquire(1)
+            inp.get_many(5)
         except Closed:
             raised.set()
 
-    t = threading.Thread(target=waiter)
+    t = threading.Thread(target=getter)
     t.start()
-    g.close()
+    inp.close()
     t.join(5)
     assert raised.is_set()
-    with pytest.raises(Closed):
-        g.acquire(1)
-
-
-def test_completing_the_head_returns_permits_for_everything_emitted() -> None:
-    ch = Channel(100)
-    r = Reorder(ch, window=3)
-    assert r.gate.acquire(3) == 3
-    r.complete(1, 1, ["b"])
-    r.complete(2, 1, ["c"])
-    r.complete(0, 1, ["a"])
-    assert r.gate.acquire(3) == 3

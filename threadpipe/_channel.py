@@ -15,6 +15,7 @@ class's lock and conditions (``mutex``, ``not_empty``, ``not_full``), adding thr
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -34,7 +35,7 @@ END: Final = _End()
 
 
 class Closed(Exception):
-    """Raised inside the library when a thread finds its channel or gate closed by a cancel.
+    """Raised inside the library when a thread finds its channel closed by a cancel.
 
     It never reaches a user: workers catch it and exit quietly.
     """
@@ -59,7 +60,15 @@ class Channel(queue.Queue[Any]):
         # ``on_starved`` (set by the reading stage while it can still grow) is called, outside the
         # lock, by the thread that put them: that is how a stage learns it needs another worker.
         self.idle_getters = 0
+        self.idle_putters = 0
         self.on_starved: Callable[[], None] | None = None
+        # For an ordered stage: items may be taken only while ``taken < limit``; the reorder buffer
+        # raises the limit as items leave it (see ``raise_limit``). None means no limit.
+        self.limit: int | None = None
+        self.window_waiters = 0
+        # Getters waiting for the limit wait on their own condition, so that a put's notify never
+        # lands on one of them instead of on a getter waiting for items.
+        self.window_open = threading.Condition(self.mutex)
 
     def __repr__(self) -> str:
         return f"<Channel {self.name!r} {self.qsize()}/{self.maxsize}{' closed' if self.closed else ''}>"
@@ -70,6 +79,21 @@ class Channel(queue.Queue[Any]):
             self.closed = True
             self.not_empty.notify_all()
             self.not_full.notify_all()
+            self.window_open.notify_all()
+
+    def raise_limit(self, limit: int) -> None:
+        """Allow items numbered below ``limit`` to be taken, and wake getters waiting for that.
+
+        Lock discipline: the store is made without the lock and ``window_waiters`` read after it.
+        A getter counts itself in ``window_waiters`` under the lock *before* it re-reads ``limit``;
+        so either it sees the new limit, or this call sees it waiting and notifies it under the
+        lock, after it has started waiting. No wake-up is lost, and the common case (nobody
+        waiting) costs no lock at all.
+        """
+        self.limit = limit
+        if self.window_waiters:
+            with self.mutex:
+                self.window_open.notify_all()
 
     def put_end(self) -> None:
         """Append the end-of-input sentinel.
@@ -94,8 +118,10 @@ class Channel(queue.Queue[Any]):
             if len(q) >= self.maxsize:
                 return False
             q.append(item)
-            self.not_empty.notify()
-            starved = len(q) > 1 and not self.idle_getters
+            if self.idle_getters:
+                self.not_empty.notify()
+                return True
+            starved = len(q) > 1
         if starved and self.on_starved is not None:
             self.on_starved()
         return True
@@ -117,14 +143,20 @@ class Channel(queue.Queue[Any]):
         done = 0
         starved = False
         try:
-            with self.not_full:
+            with self.mutex:
                 q = self.queue
+                maxsize = self.maxsize
                 while done < n:
                     if self.closed:
                         raise Closed
-                    room = self.maxsize - len(q)
+                    room = maxsize - len(q)
                     if room <= 0:
-                        if not self.not_full.wait(timeout) and timeout is not None:
+                        self.idle_putters += 1
+                        try:
+                            woke = self.not_full.wait(timeout)
+                        finally:
+                            self.idle_putters -= 1
+                        if not woke and timeout is not None:
                             return done
                         continue
                     if room >= n - done:
@@ -133,9 +165,12 @@ class Channel(queue.Queue[Any]):
                     else:
                         q.extend(items[done : done + room])
                     done += room
-                    self.not_empty.notify(room)
-                    # Growing helps when items pile up: some were already waiting before these.
-                    starved = starved or (len(q) > room and not self.idle_getters)
+                    # Condition.notify costs a lock probe even with nobody waiting: count instead.
+                    if self.idle_getters:
+                        self.not_empty.notify(room)
+                    elif len(q) > room:
+                        # Items pile up (some were waiting before these) and nobody is idle.
+                        starved = True
         finally:
             # Outside the lock: growing a stage starts a thread, which must not hold up others.
             if starved and self.on_starved is not None:
@@ -162,22 +197,31 @@ class Channel(queue.Queue[Any]):
         Raises:
             Closed: the channel was closed.
         """
-        with self.not_empty:
+        with self.mutex:
             q = self.queue
-            while not q:
+            while True:
                 if self.closed:
                     raise Closed
-                self.idle_getters += 1
+                if not q:
+                    self.idle_getters += 1
+                    try:
+                        woke = self.not_empty.wait(timeout)
+                    finally:
+                        self.idle_getters -= 1
+                    if not woke and timeout is not None and not q:
+                        return None
+                    continue
+                limit = self.limit
+                if limit is None or self.taken < limit or q[0] is END:
+                    break
+                # An ordered stage's window is full: wait until the head of the line moves on.
+                self.window_waiters += 1
                 try:
-                    woke = self.not_empty.wait(timeout)
+                    if self.limit == limit:  # re-read after counting ourselves (see raise_limit)
+                        self.window_open.wait()
                 finally:
-                    self.idle_getters -= 1
-                if not woke and timeout is not None and not q:
-                    return None
-            if self.closed:
-                raise Closed
-            first = q[0]
-            if first is END:
+                    self.window_waiters -= 1
+            if q[0] is END:
                 return [], self.taken
             n = len(q)
             if q[-1] is END:
@@ -185,19 +229,21 @@ class Channel(queue.Queue[Any]):
                 n -= 1
             if share > 1:
                 n = -(-n // share)
-            if max_items == 1 or n == 1:
+            if n > max_items:
+                n = max_items
+            if limit is not None and n > limit - self.taken:
+                n = limit - self.taken
+            if n == 1:
                 items = [q.popleft()]
             else:
-                if n > max_items:
-                    n = max_items
                 popleft = q.popleft
                 items = [popleft() for _ in range(n)]
             number = self.taken
-            self.taken = number + len(items)
-            self.not_full.notify(len(items))
+            self.taken = number + n
+            if self.idle_putters:
+                self.not_full.notify(n)
             starved = bool(q) and not self.idle_getters and q[0] is not END
         # Items left behind with nobody idle to take them: the stage may need another worker.
         if starved and self.on_starved is not None:
             self.on_starved()
         return items, number
-

@@ -253,7 +253,6 @@ class Pipeline(Generic[T]):
             Stage(spec, channels[i], channels[i + 1], state) for i, spec in enumerate(self._stages)
         )
         state.closables.extend(channels)
-        state.closables.extend(stage.reorder.gate for stage in stages if stage.reorder is not None)
         run: Run[T] = Run(state, channels[-1], stages)
         # Count the starting itself as a live thread, so the run cannot look done (every thread
         # exited) between the feeder finishing a short source and the first worker starting.
@@ -263,7 +262,7 @@ class Pipeline(Generic[T]):
             try:
                 threading.Thread(
                     target=feed,
-                    args=(iterator, channels[0], state),
+                    args=(iterator, channels[0], state, self._source.in_memory),
                     name=f"threadpipe-{SOURCE_NAME}-0",
                     daemon=True,
                 ).start()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from ._channel import Channel, Closed
@@ -15,6 +17,12 @@ if TYPE_CHECKING:
 __all__ = ["Source", "SOURCE_NAME"]
 
 SOURCE_NAME = "source"
+
+
+# Built-in containers: iterating them never blocks, so the feeder may take several items at a time
+# without holding back an item that a worker is waiting for. (A user's Sequence may load items
+# lazily, so only these exact types qualify.)
+_IN_MEMORY: tuple[type, ...] = (list, tuple, range, str, bytes, bytearray, dict, set, frozenset, deque)
 
 
 def _is_iterable(obj: object) -> bool:
@@ -43,6 +51,7 @@ class Source:
             )
         self.iterable = iterable
         self.one_shot = iter(iterable) is iterable
+        self.in_memory = type(iterable) in _IN_MEMORY
         self._lock = threading.Lock()
         self._opened = False
 
@@ -72,14 +81,31 @@ class Source:
             return None
 
 
-def feed(iterator: Iterator[Any], out: Channel, run: RunState) -> None:
+def feed(iterator: Iterator[Any], out: Channel, run: RunState, in_memory: bool = False) -> None:
     """Pull ``iterator`` into ``out`` until it ends or the run stops; runs in the feeder thread.
 
     A generator is closed here, in the thread that iterates it (a generator cannot be closed from
     another thread while it runs), so its ``finally`` blocks run when the run is cancelled.
+
+    Args:
+        iterator: the items.
+        out: the first buffer.
+        run: the run's shared state.
+        in_memory: the items come from a built-in container, so taking a buffer's worth at a time
+            cannot keep an item waiting on the source.
     """
     stop = run.stop
     try:
+        if in_memory:
+            size = out.maxsize
+            while not stop[0]:
+                chunk = list(islice(iterator, size))
+                if not chunk:
+                    out.put_end()
+                    return
+                out.put_many(chunk)
+                del chunk
+            return
         for item in iterator:
             if stop[0]:
                 break

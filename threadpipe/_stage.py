@@ -38,6 +38,13 @@ EACH: Final = "each"
 # round-trips of taking and putting, short enough that slow items are still shared between workers.
 _BATCH_SECONDS: Final = 0.0002
 
+# A stage whose calls take less than this per item does not grow: one thread already keeps up with
+# anything the interpreter lock lets the other threads produce, and more threads only contend.
+_GROW_SECONDS: Final = 0.00002
+
+# Weight of the newest batch in the stage's running estimate of seconds per call.
+_EWMA: Final = 0.3
+
 _NO_ITEM: Final = object()
 
 
@@ -66,16 +73,26 @@ class StageSpec:
         """Whether the stage needs a reorder buffer (ordered, with more than one worker)."""
         return self.ordered and self.workers > 1
 
-    @property
-    def batch_limit(self) -> int:
-        """The most items one worker takes at once: the input buffer shared among the workers."""
-        return max(1, self.capacity // self.workers)
 
 
 def held_bound(spec: StageSpec) -> int:
-    """The most input items a stage holds outside its input buffer (in workers, reorder buffer)."""
-    held = max(spec.workers, spec.workers * spec.batch_limit)
+    """The most input items a stage holds outside its input buffer (in workers, reorder buffer).
+
+    A worker takes at most its share of the items waiting, rounded up, with the buffer shared among
+    the workers started so far; the ``i``-th worker (from 1) starts when ``i - 1`` already run, so it
+    never holds more than ``ceil(capacity / i)``. An ordered stage's reorder buffer may hold as much
+    again in finished items waiting for their turn.
+    """
+    held = sum(-(-spec.capacity // i) for i in range(1, spec.workers + 1))
     return 2 * held if spec.reorders else held
+
+
+def _batch_size(call_seconds: float, limit: int) -> int:
+    """How many items to take so the calls take about ``_BATCH_SECONDS``, between 1 and ``limit``."""
+    if call_seconds <= 0:
+        return limit
+    size = int(_BATCH_SECONDS / call_seconds)
+    return 1 if size < 1 else limit if size > limit else size
 
 
 @dataclass(slots=True)
@@ -102,7 +119,7 @@ class Stage:
         self.inp = inp
         self.out = out
         self.run = run
-        self.reorder = Reorder(out, held_bound(spec)) if spec.reorders else None
+        self.reorder = Reorder(inp, out, held_bound(spec)) if spec.reorders else None
         self.counters: list[_Counters] = []
         # ``_lock`` guards the worker accounting below. ``alive`` and ``spawned`` change together
         # under it, so the last worker to exit is known exactly and sends the sentinel once.
@@ -110,6 +127,10 @@ class Stage:
         self.spawned = 0
         self.alive = 0
         self.ended = False
+        # Running estimate of seconds per call, shared by the workers (a float store is atomic;
+        # a lost update between two workers only delays the estimate by one batch). None until
+        # the first batch is measured.
+        self.call_seconds: float | None = None
         if spec.workers > 1:
             # Set before any thread of the run starts, so no put can miss it.
             inp.on_starved = self._grow
@@ -121,6 +142,9 @@ class Stage:
     def _grow(self) -> None:
         """Start one more worker if the stage has room for one and input is not over."""
         if self.spawned >= self.spec.workers or self.ended:  # unlocked fast path; rechecked below
+            return
+        estimate = self.call_seconds
+        if estimate is not None and estimate < _GROW_SECONDS and self.spawned:
             return
         with self._lock:
             if self.spawned >= self.spec.workers or self.ended or self.run.stop[0]:
@@ -163,22 +187,18 @@ class Stage:
         inp = self.inp
         out = self.out
         reorder = self.reorder
-        gate = reorder.gate if reorder is not None else None
         stop = self.run.stop
-        limit = spec.batch_limit
-        share = spec.workers
-        size = 1
+        limit = spec.capacity
+        estimate = self.call_seconds
+        size = 1 if estimate is None else _batch_size(estimate, limit)
         saw_end = False
         item: Any = _NO_ITEM
         try:
             while True:
-                wanted = gate.acquire(size) if gate is not None else size
-                got = inp.get_many(wanted, None, share)
+                got = inp.get_many(size, None, self.spawned)
                 assert got is not None  # no timeout given
                 items, number = got
                 taken = len(items)
-                if gate is not None and taken < wanted:
-                    gate.release(wanted - taken)
                 if not taken:
                     saw_end = True
                     return
@@ -211,12 +231,12 @@ class Stage:
                 counters.items_in += taken
                 counters.items_out += len(outputs)
                 counters.busy_seconds += elapsed
-                # Size the next batch so its calls take about _BATCH_SECONDS.
-                if elapsed > 0:
-                    size = int(_BATCH_SECONDS * taken / elapsed)
-                    size = 1 if size < 1 else limit if size > limit else size
-                else:
-                    size = limit
+                per_call = elapsed / taken
+                estimate = self.call_seconds
+                if estimate is not None:
+                    per_call = estimate + _EWMA * (per_call - estimate)
+                self.call_seconds = per_call
+                size = _batch_size(per_call, limit)
                 if reorder is not None:
                     reorder.complete(number, taken, outputs)
                 elif outputs:
