@@ -109,8 +109,12 @@ def test_backpressure_sizes_the_next_buffer_and_the_bound_adds_up() -> None:
     q = p.backpressure(2)
     assert q.output_capacity == 2
     # buffer 5 + its worker 5; buffer 7 + workers ceil(7/1) + ceil(7/2) + ceil(7/3), twice for
-    # reordering; the output buffer and the batch the caller took from it; the feeder 1
-    assert q.buffer_bound() == (5 + 5) + (7 + 2 * (7 + 4 + 3)) + 2 * 2 + 1
+    # reordering; the output buffer and the batch the caller took from it; the feeder takes a
+    # buffer's worth (5) at a time from a list, one item at a time from a generator.
+    assert q.buffer_bound() == (5 + 5) + (7 + 2 * (7 + 4 + 3)) + 2 * 2 + 5
+    g = Pipeline.from_iter(iter([1])).flat_map(lambda x: [x], workers=2).backpressure(3)
+    # buffer 32 + workers 32 + 16 (twice: ordered) + 2 workers streaming 3 outputs each; output 3 x 2
+    assert g.buffer_bound() == 1 + (32 + 2 * 48 + 2 * 3) + 2 * 3
 
 
 def test_memory_stays_within_the_documented_bound() -> None:

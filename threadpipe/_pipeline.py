@@ -213,20 +213,27 @@ class Pipeline(Generic[T]):
         return DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
 
     def buffer_bound(self) -> int:
-        """The most items a run of this pipeline holds at once, counted in each stage's input items.
+        """The most items a run of this pipeline holds at once between its source and the caller.
 
-        The sum, over stages, of the input buffer's capacity and of what the stage's workers (and
-        reorder buffer, for an ordered stage) may hold; plus the output buffer twice (the buffer, and
-        the batch the caller's iterator took from it); plus one item in the feeder thread. A
-        ``flat_map`` stage's outputs count as many items downstream as it yields.
+        The sum of: what the feeder thread holds (one item, or a buffer's worth when the source is
+        a built-in container such as a list or a range, whose items are in memory anyway); for
+        each stage, its input buffer's capacity ``C`` plus what its workers hold, at most
+        ``ceil(C/1) + ceil(C/2) + ... + ceil(C/workers)`` items (twice that for an ordered stage
+        with more than one worker: its reorder buffer), plus, for a ``flat_map`` stage, one
+        output buffer's worth per worker while it streams; and the output buffer twice (the
+        buffer, and the batch the caller's iterator took from it). Items are counted where they
+        are: a ``flat_map`` stage's outputs count as many items as it yields.
 
         Returns:
             The bound, an int.
         """
-        bound = 1 + 2 * self.output_capacity
-        for spec in self._stages:
+        capacities = [spec.capacity for spec in self._stages] + [self.output_capacity]
+        bound = capacities[0] if self._source.in_memory else 1
+        for spec, next_capacity in zip(self._stages, capacities[1:]):
             bound += spec.capacity + held_bound(spec)
-        return bound
+            if spec.kind == FLAT_MAP:
+                bound += spec.workers * next_capacity
+        return bound + 2 * self.output_capacity
 
     def __repr__(self) -> str:
         stages = " | ".join(f"{s.kind}({s.name}, workers={s.workers})" for s in self._stages)
