@@ -40,6 +40,10 @@ class RunState:
         self.stop = [False]
         self.error: BaseException | None = None
         self.cancelled = False
+        # Set when the caller has received the end of input: every call has returned by then
+        # (each stage sends the sentinel on only after all its workers finished), so there is
+        # nothing left to cancel, only threads on their way out.
+        self.finished = False
         self.done = threading.Event()
         self.closables: list[_Closable] = []
         self._lock = threading.Lock()
@@ -81,10 +85,10 @@ class RunState:
     def cancel(self) -> None:
         """Stop the run at the caller's request: no new calls start, every blocked thread wakes.
 
-        A no-op on a run that already ended, so that cleaning up after a complete run does not mark
-        it cancelled.
+        A no-op on a run that already ended or delivered all its outputs, so that cleaning up after
+        a complete run does not mark it cancelled.
         """
-        if self.done.is_set():
+        if self.done.is_set() or self.finished:
             return
         with self._lock:
             if not self.stop[0]:
@@ -135,7 +139,7 @@ class _Output(Generic[T]):
                 continue
             items = got[0]
             if not items:
-                self._run._finished = True
+                self._state.finished = True
                 raise StopIteration
             buffer = self._buffer
             buffer.extend(items)
@@ -158,7 +162,7 @@ class _Output(Generic[T]):
             if got is None:
                 continue
             if not got[0]:
-                self._run._finished = True
+                self._state.finished = True
                 return n
             n += len(got[0])
 
@@ -181,7 +185,6 @@ class Run(Generic[T]):
         self._output = output
         self._stages = stages
         self._iterated = False
-        self._finished = False
         # Dropping the last reference to an unfinished run cancels it, and so does interpreter exit
         # (finalize runs its callbacks at exit), so a forgotten run never keeps threads busy.
         self._finalizer = weakref.finalize(self, state.cancel)
@@ -286,8 +289,7 @@ class Run(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self._finished:
-            self._state.cancel()
+        self._state.cancel()  # a no-op when every output was delivered
         if exc_type is not None and not issubclass(exc_type, Exception):
             # Ctrl-C or SystemExit: return control at once rather than wait for running calls.
             return
