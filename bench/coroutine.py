@@ -1,0 +1,335 @@
+"""Workload 1, coroutine variant: the headline durations, slept with ``asyncio.sleep`` in coroutines.
+
+Usage::
+
+    python bench/coroutine.py                     # c in 1, 8, 64, 256; every library
+    python bench/coroutine.py --c 64,256 --libs threadpipe,asyncio
+
+N = 1000 items, 3 stages, durations uniform 5-10 ms from the headline's fixed seed, unordered, c
+coroutines in flight per stage. Every run happens in a fresh subprocess under a timeout, so an
+error or a hang becomes a table cell. Each cell: wall seconds (build to last output consumed), the
+ratio to the lower bound LB(c), and the peak number of threads besides the main thread meanwhile.
+
+Besides LB(c) the table shows the *ideal FIFO* time: a zero-overhead simulation of c slots per stage
+taking items in arrival order. LB(c) ignores that the last items to enter the first stage still have
+three stages to go, so at high c no FIFO pipeline can come near it; the ideal FIFO time is what a
+perfect implementation of the pattern would take.
+
+``bench/run.py --only coroutine`` runs the same measurements as a section of the full benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import importlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workloads import SEED, Table, lower_bound, uniform_table
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+N_ITEMS = 1000
+CONCURRENCIES = (1, 8, 64, 256)
+AsyncStage = Callable[[int], Awaitable[int]]
+
+
+def async_sleep_stages(table: Table) -> list[AsyncStage]:
+    """One ``async def`` stage per row: ``await asyncio.sleep(table[s][item])``, return the item."""
+
+    def make(row: Sequence[float]) -> AsyncStage:
+        async def stage(item: int) -> int:
+            await asyncio.sleep(row[item])
+            return item
+
+        return stage
+
+    return [make(row) for row in table]
+
+
+def ideal_fifo(table: Table, c: int) -> float:
+    """Makespan of a zero-overhead pipeline: per stage, c slots take items in arrival order."""
+    ready = [0.0] * len(table[0])
+    for row in table:
+        slots = [0.0] * c
+        done = [0.0] * len(row)
+        for i in sorted(range(len(row)), key=ready.__getitem__):
+            start = max(heapq.heappop(slots), ready[i])
+            done[i] = start + row[i]
+            heapq.heappush(slots, done[i])
+        ready = done
+    return max(ready)
+
+
+# ---------------------------------------------------------------------------------- runners
+# Each yields the outputs of the three stages over range(n), c in flight per stage, unordered.
+
+
+def run_threadpipe(stages: list[AsyncStage], n: int, c: int) -> Iterator[int]:
+    """threadpipe: ``map(async_fn, workers=c, ordered=False)`` per stage, consumed synchronously."""
+    import threadpipe as tp
+
+    pipeline: Any = tp.Pipeline.from_iter(range(n))
+    for index, fn in enumerate(stages):
+        pipeline = pipeline.map(fn, workers=c, ordered=False, name=f"s{index + 1}")
+    run = pipeline.start()
+    with run:
+        yield from run
+
+
+def _drive(agen: AsyncIterator[int]) -> Iterator[int]:
+    """Consume an async iterator from synchronous code with one ``asyncio.run`` (no thread)."""
+    out: list[int] = []
+
+    async def collect() -> None:
+        async for x in agen:
+            out.append(x)
+            _sample()
+
+    asyncio.run(collect())
+    yield from out
+
+
+async def _asyncio_pattern(stages: list[AsyncStage], n: int, c: int) -> AsyncIterator[int]:
+    end = object()
+    queues: list[asyncio.Queue[Any]] = [asyncio.Queue(c) for _ in range(len(stages) + 1)]
+
+    async def feed() -> None:
+        for i in range(n):
+            await queues[0].put(i)
+        await queues[0].put(end)
+
+    async def worker(
+        fn: AsyncStage, inbox: asyncio.Queue[Any], outbox: asyncio.Queue[Any], alive: list[int]
+    ) -> None:
+        while (item := await inbox.get()) is not end:
+            await outbox.put(await fn(item))
+        await inbox.put(end)  # for the siblings
+        alive[0] -= 1
+        if not alive[0]:
+            await outbox.put(end)
+
+    tasks = [asyncio.create_task(feed())]
+    for s, fn in enumerate(stages):
+        alive = [c]
+        tasks += [
+            asyncio.create_task(worker(fn, queues[s], queues[s + 1], alive)) for _ in range(c)
+        ]
+    while (item := await queues[-1].get()) is not end:
+        yield item
+    await asyncio.gather(*tasks)
+
+
+def run_asyncio(stages: list[AsyncStage], n: int, c: int) -> Iterator[int]:
+    """The pattern by hand in asyncio: per stage c worker tasks and an ``asyncio.Queue(c)``."""
+    return _drive(_asyncio_pattern(stages, n, c))
+
+
+def run_pypeln(stages: list[AsyncStage], n: int, c: int) -> Iterator[int]:
+    """``pypeln.task.map(async_fn, workers=c)`` per stage (its own loop thread), iterated."""
+    import pypeln as pl
+
+    stage: Any = range(n)
+    for fn in stages:
+        stage = pl.task.map(fn, stage, workers=c)
+    yield from stage
+
+
+def run_streamable(stages: list[AsyncStage], n: int, c: int) -> Iterator[int]:
+    """streamable 2.x: ``.map(async_fn, concurrency=c, as_completed=True)``, iterated."""
+    from streamable import stream
+
+    chain: Any = stream(range(n))
+    for fn in stages:
+        chain = chain.map(fn, concurrency=c, as_completed=True)
+    yield from chain
+
+
+def run_pyper(stages: list[AsyncStage], n: int, c: int) -> Iterator[int]:
+    """pyper: async ``task(fn, workers=c, throttle=c)`` composed with ``|`` (an AsyncPipeline)."""
+    from pyper import task
+
+    async def source(count: int) -> AsyncIterator[int]:
+        for i in range(count):
+            yield i
+
+    pipeline: Any = task(source, branch=True, throttle=c)
+    for fn in stages:
+        pipeline = pipeline | task(fn, workers=c, throttle=c)
+    return _drive(pipeline(n))
+
+
+RUNNERS: dict[str, Callable[[list[AsyncStage], int, int], Iterator[int]]] = {
+    "threadpipe": run_threadpipe,
+    "asyncio": run_asyncio,
+    "pypeln": run_pypeln,
+    "streamable": run_streamable,
+    "pyper": run_pyper,
+}
+
+IMPORTS: dict[str, tuple[str, ...]] = {
+    "threadpipe": ("threadpipe", "threadpipe._aio"),
+    "asyncio": (),
+    "pypeln": ("pypeln",),
+    "streamable": ("streamable",),
+    "pyper": ("pyper",),
+}
+
+# bench/run.py's library names (``handwritten`` is the pattern by hand) -> this file's runners.
+PEER_NAMES: dict[str, str] = {
+    "threadpipe": "threadpipe",
+    "handwritten": "asyncio",
+    "pypeln": "pypeln",
+    "streamable": "streamable",
+    "pyper": "pyper",
+}
+
+# ---------------------------------------------------------------------------------- child side
+
+_peak = [0]
+
+
+def _sample() -> None:
+    _peak[0] = max(_peak[0], threading.active_count())
+
+
+def child(lib: str, c: int, n: int) -> dict[str, Any]:
+    """One timed run in this process: seconds, peak threads besides the main one; checks outputs."""
+    stages = async_sleep_stages(uniform_table(n))
+    # Imports are a once-per-process cost, not part of building and running a pipeline: every
+    # library is imported before the clock starts (threadpipe's coroutine adapter included, which
+    # it otherwise imports on the first run that needs it).
+    for module in IMPORTS[lib]:
+        importlib.import_module(module)
+    start = time.perf_counter()
+    count = total = 0
+    for item in RUNNERS[lib](stages, n, c):
+        count += 1
+        total += item
+        _sample()
+    seconds = time.perf_counter() - start
+    if (count, total) != (n, n * (n - 1) // 2):
+        raise RuntimeError(f"got {count} outputs summing to {total} for range({n})")
+    return {"seconds": seconds, "threads": _peak[0] - 1}
+
+
+# ---------------------------------------------------------------------------------- parent side
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The outcome of one guarded run."""
+
+    lib: str
+    c: int
+    status: str  # ok, error, timeout
+    seconds: float | None = None
+    threads: int | None = None
+    error: str = ""
+
+
+def measure(lib: str, c: int, n: int = N_ITEMS) -> Cell:
+    """Run ``lib`` at concurrency ``c`` in a fresh interpreter, killed after 10 s plus 4 LB."""
+    timeout = 10.0 + 4 * lower_bound(uniform_table(n), c)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), str(BENCH_DIR), env.get("PYTHONPATH")])
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--child", lib, str(c), str(n)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return Cell(lib, c, "timeout")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            data = json.loads(line[len("RESULT ") :])
+            if data.pop("status") == "ok":
+                return Cell(lib, c, "ok", data["seconds"], data["threads"])
+            return Cell(lib, c, "error", error=data.get("type", "?"))
+    return Cell(lib, c, "error", error=f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}")
+
+
+def plan(libs: Sequence[str], cs: Sequence[int], c1_libs: Sequence[str]) -> list[tuple[str, int]]:
+    """Which (library, c) runs: c = 1 (7.6 s a run) only for ``c1_libs``."""
+    return [(lib, c) for lib in libs for c in cs if c != 1 or lib in c1_libs]
+
+
+def cell_text(cell: Cell | None, lb: float) -> str:
+    """``seconds ratio-to-LB threads`` for a measurement, else its status."""
+    if cell is None:
+        return "-"
+    if cell.status != "ok" or cell.seconds is None:
+        return cell.status + (f": {cell.error.split(':')[0]}" if cell.error else "")
+    return f"{cell.seconds:.3g}s {cell.seconds / lb:.2f}x {cell.threads}t"
+
+
+def main(argv: list[str]) -> int:
+    """Runs the sweep and prints the table (or, with ``--child``, one run)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--c", default=",".join(map(str, CONCURRENCIES)), help="concurrencies, comma-separated"
+    )
+    parser.add_argument("--libs", default=",".join(RUNNERS), help=f"from {', '.join(RUNNERS)}")
+    parser.add_argument("--c1-libs", default="threadpipe,asyncio", help="libraries also run at c=1")
+    parser.add_argument("--child", nargs=3, metavar=("LIB", "C", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        lib, c, n = args.child[0], int(args.child[1]), int(args.child[2])
+        try:
+            result = {"status": "ok", **child(lib, c, n)}
+        except Exception as exc:  # reported as a table cell
+            result = {"status": "error", "type": type(exc).__name__, "message": str(exc)}
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    cs = [int(c) for c in args.c.split(",")]
+    libs = [lib for lib in args.libs.split(",") if lib]
+    table = uniform_table(N_ITEMS)
+    cells = {(lib, c): measure(lib, c) for lib, c in plan(libs, cs, args.c1_libs.split(","))}
+    print(f"1c. coroutine variant: N={N_ITEMS}, 3 async stages, asyncio.sleep uniform 5-10 ms,")
+    print(f"    seed {SEED}, unordered; cells: seconds, ratio to LB(c), peak threads besides main")
+    print(f"    python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    rows = [["LB(c)", *(f"{lower_bound(table, c):.3g}s" for c in cs)]]
+    rows.append(
+        [
+            "ideal FIFO",
+            *(
+                f"{ideal_fifo(table, c):.3g}s {ideal_fifo(table, c) / lower_bound(table, c):.2f}x"
+                for c in cs
+            ),
+        ]
+    )
+    rows += [
+        [lib, *(cell_text(cells.get((lib, c)), lower_bound(table, c)) for c in cs)] for lib in libs
+    ]
+    header = ["", *(f"c={c}" for c in cs)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
