@@ -123,3 +123,15 @@ def test_downscale_matches_the_reference(width: int, height: int) -> None:
     pixels = bytes((i * 37 + i // 7) % 256 for i in range(width * height * 3))
     ppm = b"P6\n%d %d\n255\n" % (width, height) + pixels
     assert example.downscale(ppm) == reference_downscale(ppm)
+
+
+@pytest.mark.timeout(120)
+def test_cpu_stage_gives_the_same_digests_on_threads_processes_and_dask() -> None:
+    pytest.importorskip("distributed")
+    lines = check_ok(run_example("cpu_stage.py", "--items", "40", timeout=100))
+    for label in ("threads", "processes", "dask"):
+        assert any(
+            re.fullmatch(rf"{label}: +40 items in +[\d.]+ s = +[\d.]+ items/s", line) for line in lines
+        ), (label, lines)
+    assert "processes give the same digests, in order: yes" in lines
+    assert "dask gives the same digests, in order: yes" in lines

@@ -146,8 +146,11 @@ def test_ctrl_c_raises_keyboard_interrupt_promptly_and_cancels(where: str) -> No
         "with-block": "with run: list(run)",
     }[where]
     code = f"""
-    import sys, threading, time
+    import signal, sys, threading, time
     from threadpipe import Pipeline
+    # A shell that runs this test in the background starts it with SIGINT ignored; Python then
+    # installs no handler of its own. Install the default one, as an interactive script has.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     closed = threading.Event()
     def source():
         try:
@@ -159,9 +162,23 @@ def test_ctrl_c_raises_keyboard_interrupt_promptly_and_cancels(where: str) -> No
             closed.set()
     forever = threading.Event()
     run = Pipeline.from_iter(source()).map(lambda x: x, workers=2).map(lambda x: forever.wait(), workers=2).start()
+    main = threading.main_thread().ident
+
+    def announce():
+        # Say "ready" only once the main thread waits inside threadpipe, so that the signal
+        # lands in the library's wait and not in the script's own lines around it.
+        while True:
+            frame = sys._current_frames().get(main)
+            while frame is not None and "threadpipe" not in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None:
+                print("ready", flush=True)
+                return
+            forever.wait(0.01)
+
+    threading.Thread(target=announce, daemon=True).start()
     started = time.monotonic()
     try:
-        print("ready", flush=True)  # inside the try: the signal may come at once
         {body}
     except KeyboardInterrupt:
         print("interrupted", round(time.monotonic() - started, 2), flush=True)

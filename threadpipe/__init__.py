@@ -19,15 +19,19 @@ from ._errors import ThreadpipeError as ThreadpipeError
 from ._pipeline import DEFAULT_BUFFER as DEFAULT_BUFFER
 from ._pipeline import Pipeline as Pipeline
 from ._run import Run as Run
+from ._stats import StageStats as StageStats
+from ._trace import DEFAULT_TRACE_CAP as DEFAULT_TRACE_CAP
 
 __version__ = "0.1.0"
 
 __all__ = (
     "DEFAULT_BUFFER",
+    "DEFAULT_TRACE_CAP",
     "Pipeline",
     "Run",
     "RunStateError",
     "SourceConsumedError",
+    "StageStats",
     "ThreadpipeError",
     "__version__",
 )

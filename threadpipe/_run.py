@@ -11,13 +11,20 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from time import monotonic
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ._channel import Channel, Closed
 from ._errors import RunStateError, label
+from ._stats import Clock, StageStats, render_report, snapshot
+
+if TYPE_CHECKING:
+    import os
+
+    from ._monitor import Monitor
+    from ._trace import Tracer
 
 __all__ = ["Run", "RunState"]
 
@@ -46,6 +53,10 @@ class RunState:
         self.finished = False
         self.done = threading.Event()
         self.closables: list[_Closable] = []
+        # Wall and CPU time from now to the last thread's exit, for statistics; and the call
+        # recorder when the run is traced (workers read it once, when they start).
+        self.clock = Clock()
+        self.trace: Tracer | None = None
         self._lock = threading.Lock()
         self._live = 0
 
@@ -60,6 +71,7 @@ class RunState:
             self._live -= 1
             last = self._live == 0
         if last:
+            self.clock.stop()
             self.done.set()
 
     @property
@@ -97,11 +109,37 @@ class RunState:
 
     def _stop(self) -> None:
         with self._lock:
-            if self.stop[0]:
-                return
             self.stop[0] = True
+        # Every time, not only the first: closing is idempotent, and a stop interrupted half way
+        # (a second Ctrl-C while closing) is then finished by the next cancel.
         for closable in self.closables:
             closable.close()
+
+    def cancel_stopped(self) -> None:
+        """Finish a cancel whose stop flag was already set without the lock (see ``_cancel_dropped``)."""
+        with self._lock:
+            if self.error is None:
+                self.cancelled = True
+        for closable in self.closables:
+            closable.close()
+
+
+def _cancel_dropped(state: RunState) -> None:
+    """Cancel a run whose last reference was dropped, without taking a lock in this thread.
+
+    A finalizer runs wherever the garbage collector happens to run, possibly in a worker that
+    holds a channel's lock at that moment; cancelling here could then wait for that very lock. So
+    the stop flag is set at once (no new call starts) and the closing is left to a thread of its
+    own. At interpreter exit, when no thread can start, cancelling here is safe: it is the main
+    thread, between the script's last line and the exit.
+    """
+    if state.done.is_set() or state.finished:
+        return
+    state.stop[0] = True
+    try:
+        threading.Thread(target=state.cancel_stopped, name="threadpipe-cancel-0", daemon=True).start()
+    except RuntimeError:
+        state.cancel_stopped()
 
 
 class _Output(Generic[T]):
@@ -140,6 +178,7 @@ class _Output(Generic[T]):
             items = got[0]
             if not items:
                 self._state.finished = True
+                self._run._close_monitor()  # final counts drawn before the caller goes on
                 raise StopIteration
             buffer = self._buffer
             buffer.extend(items)
@@ -163,6 +202,7 @@ class _Output(Generic[T]):
                 continue
             if not got[0]:
                 self._state.finished = True
+                self._run._close_monitor()
                 return n
             n += len(got[0])
 
@@ -180,14 +220,21 @@ class Run(Generic[T]):
     whatever is unfinished and joins.
     """
 
-    def __init__(self, state: RunState, output: Channel, stages: tuple[Any, ...]) -> None:
+    def __init__(
+        self,
+        state: RunState,
+        output: Channel,
+        stages: tuple[Any, ...],
+        monitor: Monitor | None = None,
+    ) -> None:
         self._state = state
         self._output = output
         self._stages = stages
+        self._monitor = monitor  # the thread sampling the run and drawing its bars, if any
         self._iterated = False
         # Dropping the last reference to an unfinished run cancels it, and so does interpreter exit
         # (finalize runs its callbacks at exit), so a forgotten run never keeps threads busy.
-        self._finalizer = weakref.finalize(self, state.cancel)
+        self._finalizer = weakref.finalize(self, _cancel_dropped, state)
 
     def __repr__(self) -> str:
         if self._state.error is not None:
@@ -215,6 +262,27 @@ class Run(Generic[T]):
         self._iterated = True
         return _Output(self)
 
+    def __aiter__(self) -> AsyncIterator[T]:
+        """Return an async iterator over the outputs, for ``async for x in run``.
+
+        Waiting for an output never blocks the caller's event loop: a helper thread waits and wakes
+        the caller's task through its loop. Otherwise as iterating the run: the outputs come once,
+        and a stage's exception is raised as itself. Leaving the loop early does not cancel the
+        run; ``cancel()`` does.
+
+        Raises:
+            RunStateError: the run was already iterated.
+        """
+        if self._iterated:
+            raise RunStateError(
+                "this run was already iterated: a run yields its outputs once; "
+                "call pipeline.start() again for a new run"
+            )
+        self._iterated = True
+        from ._aio import AsyncOutput  # here, not at the top: only async callers import asyncio
+
+        return AsyncOutput(self)
+
     @property
     def done(self) -> bool:
         """Whether every thread of the run has exited."""
@@ -236,9 +304,11 @@ class Run(Generic[T]):
         No function is called again after this returns, blocked threads wake and exit, the source
         is no longer pulled (a generator source is closed by the feeder thread). A call already
         running is not interrupted: its thread exits when the call returns. Iteration ends quietly
-        (or raises the run's exception if a stage had already failed). Idempotent.
+        (or raises the run's exception if a stage had already failed). Progress bars are closed
+        before this returns. Idempotent.
         """
         self._state.cancel()
+        self._close_monitor()
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until every thread of the run has exited.
@@ -271,6 +341,7 @@ class Run(Generic[T]):
         self._raise_error()
 
     def _raise_error(self) -> None:
+        self._close_monitor()  # the bars close before an exception or the caller's next output
         error = self._state.error
         if error is not None:
             try:
@@ -279,6 +350,79 @@ class Run(Generic[T]):
                 # The traceback holds this frame, which holds ``error``: drop the local reference
                 # so the exception does not keep the frame (and its locals) alive in a cycle.
                 error = None
+
+    # ------------------------------------------------------------------ observing
+
+    def _close_monitor(self) -> None:
+        monitor = self._monitor
+        if monitor is not None:
+            monitor.close()
+
+    def _finished(self) -> bool:
+        return self._state.done.is_set() or self._state.finished or self._state.stop[0]
+
+    def stats(self) -> tuple[StageStats, ...]:
+        """A snapshot of every stage's statistics, during the run or after it.
+
+        Statistics are always kept: each worker counts its own items and busy time, and this call
+        merges the counts. Utilization is measured against the wall time of the run so far.
+
+        Returns:
+            One frozen :class:`StageStats` per stage, in stage order.
+        """
+        if self._finished():
+            self._close_monitor()  # the bars show the final counts before the caller goes on
+        return snapshot(self._stages, self._state.clock)
+
+    def report(self) -> str:
+        """A readable report: the statistics table, the bottleneck stage, why, and what to try.
+
+        The bottleneck is the busiest stage (highest utilization), with a full buffer before it and
+        an empty one after it. Buffer fill, CPU peak and memory are sampled only by a run started
+        with ``progress=`` or ``monitor=True``; without them the verdict rests on utilization.
+
+        Returns:
+            The report, several lines, without a trailing newline.
+        """
+        stats = self.stats()
+        monitor = self._monitor
+        samples = None if monitor is None else monitor.samples()
+        return render_report(stats, self._state, self._output, samples, monitor is not None)
+
+    def _tracer(self) -> Tracer:
+        tracer = self._state.trace
+        if tracer is None:
+            raise RunStateError("this run was not traced: start it with start(trace=True)")
+        return tracer
+
+    def save_trace(self, path: str | os.PathLike[str]) -> None:
+        """Write the calls recorded so far as Chrome trace-event JSON (Perfetto, chrome://tracing).
+
+        Each stage is a process, each worker a thread, each call an ``"X"`` event (``ts`` and
+        ``dur`` in microseconds from the run's start, the item number in ``args``).
+
+        Args:
+            path: the file to write.
+
+        Raises:
+            RunStateError: the run was not started with ``trace=``.
+            OSError: the file cannot be written.
+        """
+        self._tracer().save(path)
+
+    def plot_timeline(self, path: str | os.PathLike[str], title: str | None = None) -> None:
+        """Draw the calls recorded so far as a Gantt chart (one lane per worker) and save it.
+
+        Args:
+            path: the image file to write; the format follows the suffix (``.png``, ``.svg``).
+            title: the chart's title (default: how many calls it shows).
+
+        Raises:
+            RunStateError: the run was not started with ``trace=``.
+            ImportError: matplotlib is not installed (``pip install 'threadpipe[plot]'``).
+            OSError: the file cannot be written.
+        """
+        self._tracer().plot(path, title)
 
     def __enter__(self) -> Run[T]:
         return self

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import TYPE_CHECKING, Any, Final
 
 from ._channel import Channel, Closed
@@ -59,6 +60,12 @@ class StageSpec:
         ordered: whether outputs keep input order.
         name: the stage's label in errors, thread names and statistics.
         capacity: how many items the stage's input buffer holds.
+        executor: where the calls run: None for the stage's own threads, else an ``Executor`` or
+            ``"processes"``; ``workers`` is then the most calls in flight.
+        coroutine: None for a plain function; ``"coroutine"`` or (flat_map only) ``"async_gen"``
+            when ``fn`` is async and the calls run on the run's event loop (see ``_aio.py``);
+            ``workers`` is then the most coroutines in flight.
+        timeout: seconds allowed per call of a coroutine stage, or None.
     """
 
     kind: str
@@ -67,11 +74,17 @@ class StageSpec:
     ordered: bool
     name: str
     capacity: int
+    executor: Executor | str | None = None
+    coroutine: str | None = None
+    timeout: float | None = None
 
     @property
     def reorders(self) -> bool:
-        """Whether the stage needs a reorder buffer (ordered, with more than one worker)."""
-        return self.ordered and self.workers > 1
+        """Whether the stage needs a reorder buffer (ordered, with more than one worker thread).
+
+        A stage on an executor keeps order with its own queue of futures instead.
+        """
+        return self.ordered and self.workers > 1 and self.executor is None
 
 
 
@@ -82,7 +95,16 @@ def held_bound(spec: StageSpec) -> int:
     the workers started so far; the ``i``-th worker (from 1) starts when ``i - 1`` already run, so it
     never holds more than ``ceil(capacity / i)``. An ordered stage's reorder buffer may hold as much
     again in finished items waiting for their turn.
+
+    A stage on an executor holds at most ``workers`` items (one more for ``"processes"``): one
+    permit per item, returned only when its output is in the next buffer (see ``_executor.py``).
     """
+    if spec.executor is not None:
+        return spec.workers + 1 if spec.executor == "processes" else spec.workers
+    if spec.coroutine:
+        # One permit per item in flight, returned once its outputs are handed on; ordered, the
+        # reorder window lets as many again wait for their turn (see ``_aio.py``).
+        return 2 * spec.workers if spec.reorders else spec.workers
     held = sum(-(-spec.capacity // i) for i in range(1, spec.workers + 1))
     return 2 * held if spec.reorders else held
 
@@ -102,6 +124,8 @@ class _Counters:
     items_in: int = 0
     items_out: int = 0
     busy_seconds: float = 0.0
+    errors: int = 0
+    cpu_seconds: float | None = None  # the worker thread's CPU time, set as it exits
 
 
 class Stage:
@@ -168,7 +192,7 @@ class Stage:
         self.run.thread_started()
         thread = threading.Thread(
             target=self._work,
-            args=(counters,),
+            args=(counters, index),
             name=f"threadpipe-{self.spec.name}-{index}",
             daemon=True,
         )
@@ -190,11 +214,16 @@ class Stage:
             self.out.put_end()
         self.run.thread_exited()
 
-    def _work(self, counters: _Counters) -> None:
+    def _work(self, counters: _Counters, index: int) -> None:
         spec = self.spec
         fn = spec.fn
         kind = spec.kind
         inp = self.inp
+        get_many = inp.get_many
+        trace = self.run.trace
+        if trace is not None:
+            # Chosen once per worker: untraced, the loop below runs the user's function as is.
+            fn, get_many = trace.hook(spec.name, index, fn, get_many, kind is FLAT_MAP)
         out = self.out
         reorder = self.reorder
         stop = self.run.stop
@@ -205,7 +234,7 @@ class Stage:
         item: Any = _NO_ITEM
         try:
             while True:
-                got = inp.get_many(size, None, self.spawned)
+                got = get_many(size, None, self.spawned)
                 assert got is not None  # no timeout given
                 items, number = got
                 taken = len(items)
@@ -235,7 +264,7 @@ class Stage:
                         fn(item)
                     outputs = items
                 else:
-                    outputs = self._flat_map(items, number, counters)
+                    outputs = self._flat_map(fn, items, number, counters)
                 elapsed = perf_counter() - started
                 item = _NO_ITEM
                 counters.items_in += taken
@@ -255,13 +284,17 @@ class Stage:
         except Closed:
             pass
         except BaseException as exc:
+            counters.errors += 1
             self.run.fail(exc, spec.name, item, has_item=item is not _NO_ITEM)
         finally:
+            # Once per thread, not per batch: tells CPU-bound stages from waiting ones after a run.
+            counters.cpu_seconds = thread_time()
             self._exit(saw_end)
 
-    def _flat_map(self, items: list[Any], number: int, counters: _Counters) -> list[Any]:
+    def _flat_map(
+        self, fn: Callable[[Any], Any], items: list[Any], number: int, counters: _Counters
+    ) -> list[Any]:
         """Run a flat_map batch; unordered outputs are streamed on in chunks as they come."""
-        fn = self.spec.fn
         stop = self.run.stop
         out = self.out
         stream = self.reorder is None
@@ -280,6 +313,7 @@ class Stage:
             except Closed:
                 raise
             except BaseException as exc:
+                counters.errors += 1
                 self.run.fail(exc, self.spec.name, item)
                 raise Closed from None
         return outputs

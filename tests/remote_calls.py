@@ -1,0 +1,57 @@
+"""Functions that the executor tests send to other processes (a process pool, Dask workers).
+
+They live in a module of their own so that a worker process, which imports a function's module to
+unpickle it, imports only this one and not pytest and the whole test module.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+# A gated call gives up after this long, so that a test that fails before it opens its gate
+# cannot leave a worker process busy for good.
+GATE_SECONDS = 60.0
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def square_and_pid(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
+
+
+def is_odd(x: int) -> bool:
+    return x % 2 == 1
+
+
+def count_to(x: int) -> Iterator[int]:
+    yield from range(x)
+
+
+def fail_on_five(x: int) -> int:
+    if x == 5:
+        raise ValueError("five is right out", x)
+    return x
+
+
+def touch(path: str) -> None:
+    """An ``each`` function with an effect the test can see from its own process."""
+    Path(path).touch()
+
+
+def gated(job: tuple[str, int]) -> int:
+    """Mark call ``x`` started in ``directory``, then wait for ``directory/open`` to exist.
+
+    The test decides when calls end by creating the file: a gate that works across processes.
+    """
+    directory, x = job
+    Path(directory, f"started-{x}").touch()
+    gate = Path(directory, "open")
+    deadline = time.monotonic() + GATE_SECONDS
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return x

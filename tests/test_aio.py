@@ -1,0 +1,963 @@
+"""Coroutine stages, async sources and ``async for``: the coroutine adapter (``_aio.py``).
+
+Coroutines on the run's loop are gated with :class:`Gate` (an asyncio event the test thread opens
+thread-safely) and report to the test thread through ``threading`` primitives; an ``asyncio.sleep``
+below only ever stands for I/O latency, never for synchronisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from threadpipe import Pipeline, RunStateError, SourceConsumedError
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 10  # seconds any single wait may take before the test fails instead of hanging
+
+
+class Gate:
+    """An event that coroutines on a run's loop await and the test thread opens, thread-safely."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._opened = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def wait(self) -> None:
+        with self._lock:
+            if self._opened:
+                return
+            event = asyncio.Event()
+            self._waiters.append((asyncio.get_running_loop(), event))
+        await event.wait()
+
+    def open(self) -> None:
+        with self._lock:
+            self._opened = True
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # that run's loop is gone already
+
+
+class Counter:
+    """Counts events from any thread; the test thread waits until it reaches a number."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.value = 0
+        self.peak = 0  # of ``value``, for counters that also go down
+
+    def add(self, n: int = 1) -> None:
+        with self._cond:
+            self.value += n
+            self.peak = max(self.peak, self.value)
+            self._cond.notify_all()
+
+    def reach(self, n: int) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.value >= n, WAIT)
+
+
+def loop_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "threadpipe-loop-0"]
+
+
+@pytest.fixture(autouse=True)
+def no_unretrieved_task_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail if asyncio logged anything (like "Task exception was never retrieved") in the test."""
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        yield
+        gc.collect()  # an abandoned task or coroutine complains when it is collected
+    logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert not logged, logged
+
+
+async def double(x: int) -> int:
+    await asyncio.sleep(0)
+    return 2 * x
+
+
+# ---------------------------------------------------------------------------------- what is async
+
+
+class AsyncCallable:
+    async def __call__(self, x: int) -> int:
+        return x + 1
+
+
+class Service:
+    async def method(self, x: int) -> int:
+        return x + 2
+
+
+async def add(x: int, y: int) -> int:
+    return x + y
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        functools.partial(add, y=1),
+        functools.partial(functools.partial(add), y=1),
+        AsyncCallable(),
+        functools.partial(AsyncCallable()),
+        lambda x: x + 1,
+    ],
+    ids=["partial", "nested-partial", "async-__call__", "partial-of-async-__call__", "plain"],
+)
+def test_coroutine_functions_are_recognised_through_partials_and_call(fn: Any) -> None:
+    assert Pipeline.from_iter(range(5)).map(fn, workers=3).to_list() == [1, 2, 3, 4, 5]
+
+
+def test_a_bound_async_method_makes_a_coroutine_stage() -> None:
+    assert Pipeline.from_iter([1]).map(Service().method).to_list() == [3]
+
+
+def test_only_flat_map_takes_an_async_generator_function() -> None:
+    async def gen(x: int) -> AsyncIterator[int]:
+        yield x
+
+    for method in ("map", "filter", "each"):
+        with pytest.raises(TypeError, match="async generator function.*flat_map"):
+            getattr(Pipeline.from_iter([1]), method)(gen)
+    assert Pipeline.from_iter([1, 2]).flat_map(gen).to_list() == [1, 2]
+
+
+# ---------------------------------------------------------------------------------- flow
+
+
+def test_200_coroutines_in_flight_use_the_same_threads_as_2() -> None:
+    def threads_when_all_in_flight(n: int) -> set[str]:
+        gate, arrived, names = Gate(), Counter(), set()
+
+        async def hold(x: int) -> int:
+            arrived.add()
+            await gate.wait()
+            return x
+
+        run = Pipeline.from_iter(range(n)).map(hold, workers=n, name="hold").backpressure(n).start()
+        assert arrived.reach(n), f"only {arrived.value} of {n} coroutines started"
+        names = {t.name for t in threading.enumerate() if t.name.startswith("threadpipe-")}
+        gate.open()
+        assert sorted(run) == list(range(n))
+        assert run.stats()[0].spawned == n  # the most coroutines that were in flight at once
+        return names
+
+    # The loop, and the stage's taker and emitter; the feeder of a list may have finished already.
+    expected = {"threadpipe-loop-0", "threadpipe-hold-0", "threadpipe-hold-1"}
+    source = {"threadpipe-source-0"}
+    assert (
+        threads_when_all_in_flight(2) - source
+        == threads_when_all_in_flight(200) - source
+        == expected
+    )
+
+
+def test_workers_bounds_the_coroutines_in_flight_and_is_reached() -> None:
+    in_flight, all_in = Counter(), Gate()
+
+    async def call(x: int) -> int:
+        in_flight.add()
+        if x < 5:  # the first five wait for each other: five must be in flight at once
+            if in_flight.value == 5:
+                all_in.open()
+            await all_in.wait()
+        await asyncio.sleep(0.001)  # stands for I/O
+        in_flight.add(-1)
+        return x
+
+    assert sorted(Pipeline.from_iter(range(60)).map(call, workers=5, ordered=False)) == list(
+        range(60)
+    )
+    assert in_flight.peak == 5
+
+
+def test_ordered_outputs_keep_input_order_when_calls_finish_in_reverse() -> None:
+    n = 50
+    finished: list[int] = []
+    events: dict[int, asyncio.Event] = {}
+
+    async def reverse(x: int) -> int:
+        # Item x finishes only after item x + 1 has: the last item finishes first. The events are
+        # made on the run's loop, where every call runs.
+        event = events.setdefault(x, asyncio.Event())
+        if x + 1 < n:
+            await events.setdefault(x + 1, asyncio.Event()).wait()
+        finished.append(x)
+        event.set()
+        return x
+
+    assert Pipeline.from_iter(range(n)).map(reverse, workers=n).to_list() == list(range(n))
+    assert finished == list(range(n))[::-1]
+
+
+def test_unordered_outputs_come_as_calls_finish() -> None:
+    seen_one = Gate()
+
+    async def call(x: int) -> int:
+        if x == 0:
+            await seen_one.wait()  # item 0 finishes only once the caller has received item 1
+        return x
+
+    out = []
+    for x in Pipeline.from_iter([0, 1]).map(call, workers=2, ordered=False):
+        out.append(x)
+        if x == 1:
+            seen_one.open()
+    assert out == [1, 0]
+
+
+def test_a_full_downstream_buffer_does_not_freeze_the_loop() -> None:
+    # Items 0-2 finish at once and back up behind a blocked thread stage: one in its worker, one
+    # in the buffer before it, and the put of the third waits for room. Item 3 waits for a gate
+    # the test opens only after that: it can finish only if that waiting put did not block the
+    # loop (as it would if the loop thread put outputs itself).
+    done, gate, release = Counter(), Gate(), threading.Event()
+
+    async def call(x: int) -> int:
+        if x >= 3:
+            await gate.wait()
+        done.add()
+        return x
+
+    run = (
+        Pipeline.from_iter(range(20))
+        .map(call, workers=4, ordered=False)
+        .backpressure(1)
+        .map(lambda x: release.wait(WAIT) and x)
+        .start()
+    )
+    assert done.reach(3)
+    gate.open()
+    assert done.reach(4), "a call could not finish while a put waited for room: the loop is blocked"
+    release.set()
+    assert sorted(run) == list(range(20))
+
+
+def test_coroutine_and_thread_stages_mix() -> None:
+    async def fetch(x: int) -> str:
+        await asyncio.sleep(0.001)  # stands for I/O
+        return str(x)
+
+    async def repeat(s: str) -> str:
+        return s * 2
+
+    pipeline = (
+        Pipeline.from_iter(range(100))
+        .map(lambda x: x + 1, workers=3)
+        .map(fetch, workers=20)
+        .filter(lambda s: s.endswith("0"), workers=2)
+        .map(repeat, workers=4, ordered=False)
+    )
+    assert sorted(pipeline.to_list()) == sorted(str(x) * 2 for x in range(1, 101) if x % 10 == 0)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_filter_flat_map_and_each(ordered: bool) -> None:
+    seen: list[int] = []
+
+    async def even(x: int) -> bool:
+        return x % 2 == 0
+
+    async def twice(x: int) -> list[int]:
+        return [x, x]
+
+    async def countdown(x: int) -> AsyncIterator[int]:
+        for i in range(x % 3):
+            await asyncio.sleep(0)
+            yield 100 * x + i
+
+    async def pairs(x: int) -> AsyncIterator[int]:  # an async def returning an async iterable
+        return countdown(x)
+
+    async def record(x: int) -> None:
+        seen.append(x)
+
+    def run(p: Pipeline[int]) -> list[int]:
+        out = p.to_list()
+        return out if ordered else sorted(out)
+
+    src = Pipeline.from_iter(range(12))
+    assert run(src.filter(even, workers=4, ordered=ordered)) == [0, 2, 4, 6, 8, 10]
+    assert run(src.flat_map(twice, workers=4, ordered=ordered)) == sorted(2 * list(range(12)))
+    expected = [100 * x + i for x in range(12) for i in range(x % 3)]
+    assert run(src.flat_map(countdown, workers=4, ordered=ordered)) == expected
+    assert run(src.flat_map(pairs, workers=4, ordered=ordered)) == expected
+    assert run(src.each(record, workers=4, ordered=ordered)) == list(range(12))
+    assert sorted(seen) == list(range(12))
+
+
+def test_buffer_bound_counts_the_coroutines_in_flight() -> None:
+    p = Pipeline.from_iter(iter([1])).backpressure(5).map(double, workers=100, ordered=False)
+    assert p.buffer_bound() == 1 + (5 + 100) + 2 * 32
+    ordered = Pipeline.from_iter(iter([1])).backpressure(5).map(double, workers=100)
+    assert ordered.buffer_bound() == 1 + (5 + 200) + 2 * 32
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def test_a_coroutines_exception_is_raised_as_itself_with_the_note() -> None:
+    raised: list[BaseException] = []
+
+    async def fail(x: int) -> int:
+        if x == 7:
+            exc = KeyError("bad", x)
+            raised.append(exc)
+            raise exc
+        return x
+
+    with pytest.raises(KeyError) as info:
+        Pipeline.from_iter(range(20)).map(fail, workers=4, name="fetch").to_list()
+    assert info.value is raised[0]
+    assert info.value.args == ("bad", 7)
+    assert info.value.__notes__ == ["threadpipe: raised in stage 'fetch' while processing item 7"]
+    assert any(frame.name == "fail" for frame in _frames(info.value))
+
+
+def _frames(exc: BaseException) -> list[Any]:
+    import traceback
+
+    return list(traceback.extract_tb(exc.__traceback__))
+
+
+def test_a_failure_cancels_the_other_coroutines_in_flight() -> None:
+    arrived, cancelled, all_in = Counter(), Counter(), Gate()
+
+    async def call(x: int) -> int:
+        arrived.add()
+        if arrived.value == 4:
+            all_in.open()
+        if x == 0:
+            await all_in.wait()  # fail once every other call is waiting
+            raise ValueError("boom")
+        try:
+            await Gate().wait()  # forever
+        except asyncio.CancelledError:
+            cancelled.add()
+            raise
+        return x
+
+    run = Pipeline.from_iter(range(4)).map(call, workers=4).start()
+    with pytest.raises(ValueError, match="boom"):
+        list(run)
+    assert cancelled.reach(3)
+    with pytest.raises(ValueError, match="boom"):
+        run.join(WAIT)  # raises the failure again, once every thread has exited
+    assert not loop_threads()
+
+
+def test_base_exceptions_are_carried_too() -> None:
+    class Stop(BaseException):
+        pass
+
+    async def call(x: int) -> int:
+        raise Stop(x)
+
+    with pytest.raises(Stop) as info:
+        Pipeline.from_iter([5]).map(call).to_list()
+    assert info.value.args == (5,)
+
+
+def test_a_cancelled_error_the_function_raises_itself_fails_the_run() -> None:
+    async def call(x: int) -> int:
+        inner = asyncio.get_running_loop().create_future()
+        inner.cancel()
+        return await inner  # type: ignore[no-any-return]  # raises CancelledError: not ours
+
+    with pytest.raises(asyncio.CancelledError) as info:
+        Pipeline.from_iter([1]).map(call, name="inner").to_list()
+    assert "stage 'inner'" in info.value.__notes__[0]
+
+
+# ---------------------------------------------------------------------------------- timeout
+
+
+def test_a_call_that_overruns_its_timeout_is_cancelled_and_fails_the_run() -> None:
+    cancelled = threading.Event()
+
+    async def call(x: int) -> int:
+        if x == 3:
+            try:
+                await Gate().wait()  # forever
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+        return x
+
+    with pytest.raises(TimeoutError) as info:
+        Pipeline.from_iter(range(6)).map(call, workers=6, timeout=0.05, name="slow").to_list()
+    assert cancelled.is_set()
+    assert str(info.value) == "the call did not finish within timeout=0.05 s and was cancelled"
+    assert info.value.__notes__ == ["threadpipe: raised in stage 'slow' while processing item 3"]
+
+
+def test_calls_within_the_timeout_are_unaffected_and_a_users_timeout_error_is_its_own() -> None:
+    assert Pipeline.from_iter(range(10)).map(double, workers=3, timeout=WAIT).to_list() == [
+        2 * x for x in range(10)
+    ]
+    mine = TimeoutError("mine")
+
+    async def call(x: int) -> int:
+        raise mine
+
+    with pytest.raises(TimeoutError) as info:
+        Pipeline.from_iter([1]).map(call, timeout=WAIT).to_list()
+    assert info.value is mine and info.value.args == ("mine",)
+
+
+def test_timeout_covers_a_whole_flat_map() -> None:
+    async def endless(x: int) -> AsyncIterator[int]:
+        while True:
+            await asyncio.sleep(0)
+            yield x
+
+    with pytest.raises(TimeoutError):
+        Pipeline.from_iter([1]).flat_map(endless, timeout=0.05).to_list()
+
+
+@pytest.mark.parametrize(
+    ("fn", "timeout", "error", "match"),
+    [
+        (lambda x: x, 1.0, TypeError, "timeout=1.0 applies to coroutine stages only"),
+        (double, 0, ValueError, "timeout must be a finite number of seconds > 0, got 0"),
+        (double, -1.5, ValueError, "got -1.5"),
+        (double, float("nan"), ValueError, "got nan"),
+        (double, float("inf"), ValueError, "got inf"),
+        (double, "1", TypeError, "timeout must be a number"),
+        (double, True, TypeError, "timeout must be a number"),
+    ],
+)
+def test_timeout_is_checked_when_the_pipeline_is_built(
+    fn: Any, timeout: Any, error: type[Exception], match: str
+) -> None:
+    for method in ("map", "filter", "flat_map", "each"):
+        with pytest.raises(error, match=match):
+            getattr(Pipeline.from_iter([1]), method)(fn, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------- cancel
+
+
+def test_cancel_cancels_the_coroutines_in_flight_and_the_loop_thread_exits() -> None:
+    arrived, cancelled, calls = Counter(), Counter(), Counter()
+
+    async def forever(x: int) -> int:
+        calls.add()
+        arrived.add()
+        try:
+            await Gate().wait()
+        except asyncio.CancelledError:
+            cancelled.add()
+            raise
+        return x
+
+    run = Pipeline.from_iter(range(100)).map(forever, workers=8).start()
+    assert arrived.reach(8)
+    assert [t.name for t in loop_threads()] == ["threadpipe-loop-0"]
+    run.cancel()
+    assert cancelled.reach(8)
+    run.join(WAIT)
+    assert run.cancelled and run.exception is None
+    assert not loop_threads()
+    assert calls.value == 8  # nothing was called after the cancel
+    assert list(run) == []
+
+
+def test_break_cancels_in_flight_coroutines_and_closes_the_async_source() -> None:
+    closed, blocked, cancelled = threading.Event(), Counter(), Counter()
+
+    async def source() -> AsyncIterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    async def call(x: int) -> int:
+        if x < 10:
+            return x
+        blocked.add()
+        try:
+            await Gate().wait()
+        except asyncio.CancelledError:
+            cancelled.add()
+            raise
+        return x
+
+    for x in Pipeline.from_async_iter(source()).map(call, workers=20, ordered=False):
+        if x == 9:
+            assert blocked.reach(10)  # items 0-9 are out: their permits took 10 more in
+            break
+    assert closed.wait(WAIT)
+    assert cancelled.reach(blocked.value)
+
+
+def test_dropping_an_unfinished_run_cancels_its_coroutines() -> None:
+    arrived, cancelled = Counter(), Counter()
+
+    async def forever(x: int) -> int:
+        arrived.add()
+        try:
+            await Gate().wait()
+        except asyncio.CancelledError:
+            cancelled.add()
+            raise
+        return x
+
+    run = Pipeline.from_iter(range(3)).map(forever, workers=3).start()
+    assert arrived.reach(3)
+    del run
+    gc.collect()
+    assert cancelled.reach(3)
+
+
+# ---------------------------------------------------------------------------------- async source
+
+
+async def numbers(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+
+
+class Numbers:
+    """A re-iterable async source: every ``__aiter__`` starts afresh."""
+
+    def __aiter__(self) -> AsyncIterator[int]:
+        return numbers(5)
+
+
+def test_from_async_iter_feeds_thread_and_coroutine_stages() -> None:
+    assert Pipeline.from_async_iter(numbers(50)).map(lambda x: x + 1).to_list() == list(
+        range(1, 51)
+    )
+    assert Pipeline.from_async_iter(numbers(50)).map(double, workers=7).to_list() == [
+        2 * x for x in range(50)
+    ]
+    assert Pipeline.from_async_iter(numbers(0)).to_list() == []
+
+
+def test_an_async_generator_feeds_one_run_and_a_re_iterable_feeds_many() -> None:
+    once = Pipeline.from_async_iter(numbers(3))
+    assert once.to_list() == [0, 1, 2]
+    with pytest.raises(SourceConsumedError, match="one-shot async iterator"):
+        once.start()
+    many = Pipeline.from_async_iter(Numbers()).map(double)
+    assert many.to_list() == many.to_list() == [0, 2, 4, 6, 8]
+
+
+def test_an_async_sources_exception_is_raised_with_the_note() -> None:
+    error = OSError("disconnected")
+
+    async def source() -> AsyncIterator[int]:
+        yield 1
+        raise error
+
+    with pytest.raises(OSError) as info:
+        Pipeline.from_async_iter(source()).to_list()
+    assert info.value is error
+    assert info.value.__notes__ == ["threadpipe: raised by the 'source' iterator"]
+
+
+def test_from_async_iter_checks_its_argument() -> None:
+    with pytest.raises(TypeError, match="call it"):
+        Pipeline.from_async_iter(numbers)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Pipeline.from_iter"):
+        Pipeline.from_async_iter([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs an async iterable"):
+        Pipeline.from_async_iter(3)  # type: ignore[arg-type]
+
+    class Wrong:
+        async def __aiter__(self) -> AsyncIterator[int]:  # a common mistake: it must be a plain def
+            return numbers(1)
+
+    with pytest.raises(TypeError, match="plain def"):
+        Pipeline.from_async_iter(Wrong()).start()  # type: ignore[arg-type]
+
+
+def test_a_coroutine_source_is_pulled_one_item_ahead_at_most() -> None:
+    pulled, release = Counter(), threading.Event()
+
+    async def source() -> AsyncIterator[int]:
+        for i in range(100):
+            pulled.add()
+            yield i
+
+    run = (
+        Pipeline.from_async_iter(source())
+        .backpressure(2)
+        .map(lambda x: release.wait(WAIT) and x)
+        .start()
+    )
+    # 1 item in the blocked worker, 2 in the buffer, 1 in the feeder thread's hand waiting for
+    # room; the next is pulled only once that one is in.
+    assert pulled.reach(4)
+    assert pulled.value == 4
+    release.set()
+    assert list(run) == list(range(100))
+
+
+# ---------------------------------------------------------------------------------- async for
+
+
+def test_async_for_over_a_pipeline_and_over_a_run() -> None:
+    async def main() -> tuple[list[int], list[int]]:
+        a = [x async for x in Pipeline.from_iter(range(100)).map(double, workers=10)]
+        run = Pipeline.from_iter(range(100)).map(lambda x: x + 1, workers=3).start()
+        b = [x async for x in run]
+        with pytest.raises(RunStateError):
+            run.__aiter__()
+        with pytest.raises(RunStateError):
+            iter(run)
+        return a, b
+
+    a, b = asyncio.run(main())
+    assert a == [2 * x for x in range(100)]
+    assert b == list(range(1, 101))
+
+
+def test_the_callers_loop_keeps_ticking_while_async_for_waits() -> None:
+    # The stage holds its item until the caller's loop has ticked 5 times. If waiting for the
+    # output blocked that loop, the ticker could not run, and the stage would time out.
+    release = threading.Event()
+    outcome: list[bool] = []
+
+    def held(x: int) -> int:
+        outcome.append(release.wait(WAIT))
+        return x
+
+    async def main() -> list[int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            for _ in range(5):
+                await asyncio.sleep(0.001)
+                ticks += 1
+            release.set()
+
+        task = asyncio.create_task(ticker())
+        out = [x async for x in Pipeline.from_iter([1, 2]).map(held)]
+        await task
+        assert ticks == 5
+        return out
+
+    assert asyncio.run(main()) == [1, 2]
+    assert outcome == [True, True]
+
+
+def test_async_for_raises_a_stage_failure_as_itself() -> None:
+    error = ValueError("x")
+
+    async def fail(x: int) -> int:
+        raise error
+
+    async def main() -> None:
+        with pytest.raises(ValueError) as info:
+            async for _ in Pipeline.from_iter([1]).map(fail):
+                pass
+        assert info.value is error
+
+    asyncio.run(main())
+
+
+def test_leaving_async_for_early_cancels_the_pipelines_run() -> None:
+    closed = threading.Event()
+
+    def source() -> Iterator[int]:
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    async def main() -> None:
+        async for x in Pipeline.from_iter(source()).map(double, workers=4):
+            if x == 20:
+                break
+
+    asyncio.run(main())
+    assert closed.wait(WAIT)
+
+
+def test_cancelling_the_task_that_waits_loses_no_output() -> None:
+    release = threading.Event()
+
+    async def main() -> list[int]:
+        run = Pipeline.from_iter(range(3)).map(lambda x: release.wait(WAIT) and x).start()
+        it = run.__aiter__()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await it.__anext__()  # waits in the helper thread; cancelled here
+        release.set()
+        return [x async for x in it]
+
+    assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_a_pipeline_called_synchronously_inside_a_running_loop_works() -> None:
+    async def main() -> list[int]:
+        return Pipeline.from_iter(range(10)).map(double, workers=5).to_list()
+
+    assert asyncio.run(main()) == [2 * x for x in range(10)]
+
+
+# ---------------------------------------------------------------------------------- the loop's life
+
+
+def test_a_thread_only_run_starts_no_loop_and_imports_no_asyncio() -> None:
+    code = """
+        import sys, threading
+        from threadpipe import Pipeline
+        names = set()
+        def f(x):
+            names.update(t.name for t in threading.enumerate())
+            return x
+        assert Pipeline.from_iter(range(10)).map(f, workers=2).to_list() == list(range(10))
+        assert "threadpipe-loop-0" not in names, names
+        assert "asyncio" not in sys.modules
+        print("ok")
+    """
+    assert run_script(code).stdout == "ok\n"
+
+
+def test_nothing_is_left_unretrieved_or_unawaited_in_a_subprocess() -> None:
+    # Failures, a timeout, a cancel and a break, each with coroutines in flight, then exit: with
+    # -W error and asyncio's debug mode, any task left behind or coroutine never awaited would
+    # print to stderr.
+    code = """
+        import asyncio, threading
+        from threadpipe import Pipeline
+        async def fail(x):
+            if x == 5:
+                raise ValueError(x)
+            await asyncio.sleep(0.2)
+            return x
+        async def slow(x):
+            await asyncio.sleep(0.2)
+            return x
+        async def spread(x):
+            yield x
+            await asyncio.sleep(0.2)
+            yield x
+        async def source():
+            i = 0
+            while True:
+                yield i
+                i += 1
+        for p in (Pipeline.from_iter(range(50)).map(fail, workers=10),
+                  Pipeline.from_iter(range(50)).map(slow, workers=10, timeout=0.01)):
+            try:
+                p.to_list()
+            except (ValueError, TimeoutError):
+                pass
+        run = Pipeline.from_async_iter(source()).map(slow, workers=10).start()
+        run.cancel()
+        run.join(10)
+        for x in Pipeline.from_async_iter(source()).flat_map(spread, workers=3, ordered=False):
+            break
+        async def main():
+            async for x in Pipeline.from_iter(range(100)).map(slow, workers=3):
+                if x == 2:
+                    break
+        asyncio.run(main())
+        print("ok")
+    """
+    result = run_script(code, env={"PYTHONASYNCIODEBUG": "1"})
+    assert (result.stdout, result.stderr) == ("ok\n", "")
+
+
+def test_interpreter_exit_with_coroutines_in_flight_is_quiet_and_prompt() -> None:
+    code = """
+        import asyncio
+        from threadpipe import Pipeline
+        started = __import__("threading").Event()
+        async def forever(x):
+            started.set()
+            await asyncio.Event().wait()
+        async def source():
+            while True:
+                yield 1
+        run = Pipeline.from_async_iter(source()).map(forever, workers=50).start()
+        started.wait(10)
+        print("ready")
+    """
+    result = run_script(code, timeout=20)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ready\n", "")
+
+
+def test_ctrl_c_while_iterating_a_coroutine_pipeline_cancels_its_coroutines() -> None:
+    code = """
+        import asyncio, signal, sys, threading, os, time
+        from threadpipe import Pipeline
+        # A shell starts background jobs with SIGINT ignored, and Python keeps it so: restore it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        arrived, cancelled = threading.Semaphore(0), threading.Semaphore(0)
+        async def forever(x):
+            arrived.release()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.release()
+                raise
+        run = Pipeline.from_iter(range(10)).map(forever, workers=4).start()
+        for _ in range(4):
+            assert arrived.acquire(timeout=10)
+        def interrupt():
+            # Once the main thread waits for an output (so that Ctrl-C lands in that wait).
+            while not run._output.idle_getters:
+                time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=interrupt).start()
+        try:
+            for x in run:
+                pass
+        except KeyboardInterrupt:
+            print("interrupted", all(cancelled.acquire(timeout=10) for _ in range(4)))
+            run.join(10)
+            sys.exit(3)
+    """
+    result = run_script(code)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "interrupted True\n", "")
+
+
+def run_script(
+    code: str, *, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter with warnings as errors; capture its output."""
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", textwrap.dedent(code)],
+        env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# ---------------------------------------------------------------------------------- properties
+
+stage_specs = st.lists(
+    st.tuples(
+        st.sampled_from(["map", "filter", "flat_map", "each"]),
+        st.booleans(),  # async
+        st.integers(1, 16),  # workers
+        st.booleans(),  # ordered
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+async def _a_inc(x: int) -> int:
+    await asyncio.sleep(0)
+    return x + 1
+
+
+async def _a_keep(x: int) -> bool:
+    await asyncio.sleep(0)
+    return x % 3 != 0
+
+
+async def _a_split(x: int) -> list[int]:
+    await asyncio.sleep(0)
+    return [x] * (x % 3)
+
+
+async def _a_touch(x: int) -> None:
+    await asyncio.sleep(0)
+
+
+_SYNC = {
+    "map": lambda x: x + 1,
+    "filter": lambda x: x % 3 != 0,
+    "flat_map": lambda x: [x] * (x % 3),
+    "each": lambda x: None,
+}
+_ASYNC = {"map": _a_inc, "filter": _a_keep, "flat_map": _a_split, "each": _a_touch}
+
+
+def _model(items: list[int], kind: str) -> list[int]:
+    if kind == "map":
+        return [x + 1 for x in items]
+    if kind == "filter":
+        return [x for x in items if x % 3 != 0]
+    if kind == "flat_map":
+        return [y for x in items for y in [x] * (x % 3)]
+    return items
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=stage_specs, n=st.integers(0, 60), async_source=st.booleans())
+def test_random_chains_of_thread_and_coroutine_stages_match_a_plain_loop(
+    specs: list[tuple[str, bool, int, bool]], n: int, async_source: bool
+) -> None:
+    pipeline = (
+        Pipeline.from_async_iter(numbers(n)) if async_source else Pipeline.from_iter(range(n))
+    )
+    expected = list(range(n))
+    all_ordered = True
+    for kind, is_async, workers, ordered in specs:
+        fn = (_ASYNC if is_async else _SYNC)[kind]
+        pipeline = getattr(pipeline, kind)(fn, workers=workers, ordered=ordered)
+        expected = _model(expected, kind)
+        all_ordered = all_ordered and ordered
+    out = pipeline.to_list()
+    assert out == expected if all_ordered else sorted(out) == sorted(expected)
+
+
+# ---------------------------------------------------------------------------------- the example
+
+
+@pytest.mark.timeout(60)
+def test_the_async_fetch_example_fetches_every_page_with_few_threads() -> None:
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error",
+            str(ROOT / "examples" / "async_fetch.py"),
+            "--pages",
+            "120",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("page/0 ")
+    assert lines[3] == "... 120 pages in input order, 120 distinct digests"
+    summary = lines[4].split()
+    assert summary[:2] == ["120", "pages"]
+    assert int(summary[summary.index("threads;") - 1]) <= 8  # 50 in flight, a handful of threads

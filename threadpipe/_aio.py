@@ -1,0 +1,920 @@
+"""The coroutine adapter: coroutine stages, async sources and ``async for``, one event loop a run.
+
+A stage whose function is a coroutine function runs its calls as tasks on an event loop, so that
+``workers=200`` means 200 coroutines in flight, not 200 threads. The pieces:
+
+* :class:`LoopThread`: the run's event loop, in the run's thread ``threadpipe-loop-0``. It starts
+  only for a run with a coroutine stage or an async source, is shared by all of them, and is stopped
+  and closed when the run ends, is cancelled or fails. Stopping it cancels every task still pending
+  (the coroutines see ``CancelledError``) and waits for them before the loop closes.
+* :class:`CoroutineStage`: a coroutine stage of a run. Two threads of its own, whatever its
+  ``workers``: the *taker* (``threadpipe-<stage>-0``) takes items from the input buffer and has the
+  loop start one task per item, never holding more than ``workers`` items; the *emitter*
+  (``threadpipe-<stage>-1``) puts the finished outputs into the next buffer, in order through the
+  reorder buffer when the stage is ordered, and only then gives the items' permits back.
+* :class:`AsyncFeeder`: a task on the loop pulls the async source, a thread puts its items.
+* :class:`AsyncOutput`: ``async for`` over a run, from the caller's own event loop.
+
+Why threads around the loop, and not a loop that reads and writes the buffers itself: the buffers
+are blocking queues. A loop that waited for room in a full buffer would freeze every coroutine of
+every stage of the run, and a loop cannot wait for an item without either blocking or polling. So
+only threads ever block on a buffer, and the loop only runs coroutines. The handoffs are thread-safe
+by construction: threads reach the loop only through ``call_soon_threadsafe`` (coroutine objects are
+made on the loop, never in a thread, so none is ever left un-awaited), and the loop reaches threads
+only through short critical sections on ``threading`` conditions, never a wait. No thread touches an
+asyncio object of a loop it does not run.
+
+Two threads per stage, not one: the taker sleeps in the input buffer while it waits for items, and
+the buffer cannot also wake it for a finished call; a single thread would leave results sitting
+(possibly for good) whenever the input runs dry. Backpressure reaches the coroutines through the
+permits: when the next buffer is full the emitter waits, holds its permits, and the taker starts no
+new call until room frees up; calls already running finish and wait, at most ``workers`` of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from functools import partial
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
+
+from ._channel import Channel, Closed
+from ._coroutine import ASYNC_GEN
+from ._errors import SourceConsumedError, describe
+from ._reorder import Reorder
+from ._source import SOURCE_NAME
+from ._stage import EACH, FILTER, MAP, StageSpec, _Counters, held_bound
+
+if TYPE_CHECKING:
+    from ._run import Run, RunState
+
+__all__ = ["AsyncFeeder", "AsyncOutput", "AsyncSource", "CoroutineStage", "LoopThread"]
+
+T = TypeVar("T")
+
+LOOP_THREAD_NAME: Final = "threadpipe-loop-0"
+
+# How long the helper thread of an ``async for`` waits for its next job before it exits: long enough
+# that a steady stream of waits reuses one thread, short enough that an abandoned iterator does not
+# keep a thread around.
+_LINGER: Final = 0.1
+
+_EMPTY: Final = object()  # the async feeder's slot holds no item
+_END_OF_SOURCE: Final = object()  # the async source is exhausted
+_CLOSED: Final = object()  # the output channel was closed (the run stopped)
+
+
+class LoopThread:
+    """The event loop of one run, in the run's thread ``threadpipe-loop-0``.
+
+    Every user of the loop (a coroutine stage, the async feeder) holds it from its construction,
+    before any thread of the run starts, until its own threads have exited; the last release stops
+    the loop. The run stopping (cancel, a failure, a dropped run, interpreter exit) stops it too:
+    this object is one of the run's closables. Once stopped, the loop cancels the tasks still
+    pending, waits for them, finishes async generators and its default executor, and closes.
+
+    Args:
+        run: the run's shared state; the loop thread is counted among the run's threads.
+    """
+
+    def __init__(self, run: RunState) -> None:
+        self.run = run
+        # Set once by the loop thread, read by any thread (an attribute read is atomic).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # ``_lock`` guards ``_users`` and ``_stopping``, and publishes ``loop`` against a
+        # concurrent stop request (see ``_main``).
+        self._lock = threading.Lock()
+        self._users = 0
+        self._stopping = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=LOOP_THREAD_NAME, daemon=True)
+        run.closables.append(self)
+
+    def __repr__(self) -> str:
+        return f"<LoopThread users={self._users}{' stopping' if self._stopping else ''}>"
+
+    # ------------------------------------------------------------------ users
+
+    def stage(self, spec: StageSpec, inp: Channel, out: Channel) -> CoroutineStage:
+        """Make the runtime of a coroutine stage on this loop (it holds the loop at once)."""
+        return CoroutineStage(spec, inp, out, self.run, self)
+
+    def feeder(self, aiterator: AsyncIterator[Any], out: Channel) -> Callable[[], None]:
+        """Make the feeder thread's target for an async source (it holds the loop at once)."""
+        return AsyncFeeder(aiterator, out, self.run, self).feed
+
+    def hold(self) -> None:
+        """Count one more user: the loop runs at least until it releases."""
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> None:
+        """Count a user out; the last one stops the loop."""
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self._request_stop()
+
+    def close(self) -> None:
+        """Stop the loop because the run stopped: pending tasks are cancelled, then it closes."""
+        self._request_stop()
+
+    # ------------------------------------------------------------------ from other threads
+
+    def call_soon(self, callback: Callable[..., None], *args: Any) -> bool:
+        """Have the loop call ``callback(*args)``; callable from any thread.
+
+        Returns:
+            False when the loop is already closed (the run is over): the callback will never run.
+        """
+        loop = self.loop
+        if loop is None:
+            self._ready.wait()  # the loop thread is creating it (or failed to)
+            loop = self.loop
+            if loop is None:
+                return False
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # "Event loop is closed"
+            return False
+        return True
+
+    # ------------------------------------------------------------------ the loop thread
+
+    def start(self) -> None:
+        """Start the loop thread (without waiting for it: ``call_soon`` waits if it must)."""
+        self.run.thread_started()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._ready.set()
+            self.run.thread_exited()
+            raise
+
+    def _request_stop(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            loop = self.loop
+        # No loop yet: ``_main`` sees ``_stopping`` as it publishes the loop, and does not run it.
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:
+                pass  # closed already
+
+    def _main(self) -> None:
+        loop: asyncio.AbstractEventLoop | None = None
+        try:
+            # Made here, in the thread that runs it: a loop made elsewhere and never run would have
+            # to be closed by whoever made it.
+            loop = asyncio.new_event_loop()
+            with self._lock:
+                self.loop = loop
+                stopping = self._stopping
+            self._ready.set()
+            if not stopping:
+                loop.run_forever()
+        except BaseException as exc:
+            exc.add_note(f"threadpipe: raised by the run's event loop ({LOOP_THREAD_NAME})")
+            self.run.fail(exc, "loop", None, has_item=False)
+        finally:
+            self._ready.set()
+            try:
+                if loop is not None:
+                    try:
+                        _shutdown(loop)
+                    finally:
+                        loop.close()
+            except BaseException as exc:
+                exc.add_note(
+                    f"threadpipe: raised while closing the run's event loop ({LOOP_THREAD_NAME})"
+                )
+                self.run.fail(exc, "loop", None, has_item=False)
+            finally:
+                self.run.thread_exited()
+
+
+def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks still pending and wait for them; then async generators, then the executor.
+
+    What ``asyncio.run`` does on its way out. Every task's outcome is retrieved: ours never raise
+    (they carry a failure to the run as a value), and a task the user left behind that raised is
+    reported through the loop's exception handler, as ``asyncio.run`` would.
+    """
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                loop.call_exception_handler(
+                    {
+                        "message": "unhandled exception in a task still running when the run ended",
+                        "exception": task.exception(),
+                        "task": task,
+                    }
+                )
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+
+
+# ---------------------------------------------------------------------------------- coroutine stage
+
+
+class CoroutineStage:
+    """One coroutine stage of a run: the taker and emitter threads, and the tasks on the run's loop.
+
+    It has the interface of :class:`~threadpipe._stage.Stage` that a run and its statistics use:
+    ``spec``, ``inp``, ``out``, ``spawned``, ``counters`` and ``start()``. It is also one of the
+    run's closables: the run's stop calls :meth:`close`.
+
+    Args:
+        spec: what to run; ``spec.fn`` is a coroutine function (or, for flat_map, an async
+            generator function).
+        inp: the channel the taker reads.
+        out: the channel the emitter writes.
+        run: the run's shared state (stop flag, error, thread accounting).
+        aio: the run's loop.
+    """
+
+    def __init__(
+        self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, aio: LoopThread
+    ) -> None:
+        self.spec = spec
+        self.inp = inp
+        self.out = out
+        self.run = run
+        self.aio = aio
+        self.reorder = Reorder(inp, out, held_bound(spec)) if spec.reorders else None
+        # One set of counters, written by the loop thread only (each call adds itself on return).
+        self.counters: list[_Counters] = [_Counters()]
+        # The most coroutines that were in flight at once so far (``workers`` is the limit). The
+        # statistics read it where a thread stage reports the threads it started.
+        self.spawned = 0
+        # Lock discipline: ``_lock`` guards the fields below. It is only ever held for bookkeeping,
+        # never across a channel operation, a loop call or ``run.fail`` (which calls ``close``,
+        # which takes it). The loop thread takes it too, so it must never be held for long.
+        self._lock = threading.Lock()
+        self._has_room = threading.Condition(self._lock)  # taker: permits came back, or stop
+        self._has_news = threading.Condition(self._lock)  # emitter: results, the end, or stop
+        self._in_flight = 0  # permits in use: items taken and not yet handed to ``out``/reorder
+        self._results: list[tuple[int, list[Any]]] = []  # finished calls: (number, outputs)
+        self._emitter_waits = False  # spares the loop thread a notify when nobody waits
+        self._taking = True
+        self._saw_end = False
+        self._closed = False
+        self._threads = 2  # taker and emitter still to exit; the last releases the loop
+        # Loop thread only. The loop keeps only weak references to tasks: these keep them alive
+        # (by item number) until they end.
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._running = 0
+        self._plain_map = spec.kind == MAP and spec.timeout is None
+        aio.hold()
+        run.closables.append(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"<CoroutineStage {self.spec.name!r} in flight {self._in_flight}/{self.spec.workers}>"
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """Items taken from the input and not yet handed on (a snapshot)."""
+        return self._in_flight
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        """Start the taker and the emitter threads."""
+        targets = (self._take, self._emit)
+        for index, target in enumerate(targets):
+            self.run.thread_started()
+            thread = threading.Thread(
+                target=target, name=f"threadpipe-{self.spec.name}-{index}", daemon=True
+            )
+            try:
+                thread.start()
+            except BaseException:
+                self.run.thread_exited()
+                for _ in targets[index:]:
+                    self._thread_gone()
+                raise
+
+    def close(self) -> None:
+        """Wake both threads so they exit: the run stopped (its loop cancels the coroutines)."""
+        with self._lock:
+            self._closed = True
+            self._has_room.notify_all()
+            self._has_news.notify_all()
+
+    def _thread_gone(self) -> None:
+        with self._lock:
+            self._threads -= 1
+            last = self._threads == 0
+        if last:
+            self.aio.release()
+
+    # ------------------------------------------------------------------ the taker thread
+
+    def _take(self) -> None:
+        inp = self.inp
+        limit = self.spec.workers
+        saw_end = False
+        try:
+            while True:
+                with self._lock:
+                    while self._in_flight >= limit and not self._closed:
+                        self._has_room.wait()
+                    if self._closed:
+                        return
+                    room = limit - self._in_flight
+                got = inp.get_many(room)
+                assert got is not None  # no timeout given
+                items, number = got
+                if not items:
+                    saw_end = True
+                    return
+                with self._lock:
+                    self._in_flight += len(items)
+                # One handoff per batch. The coroutines are made on the loop, not here: one made
+                # here for a loop that closed meanwhile would never be awaited.
+                if not self.aio.call_soon(self._launch, items, number):
+                    return
+                del items
+        except Closed:
+            pass
+        except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
+            self.run.fail(exc, self.spec.name, None, has_item=False)
+        finally:
+            with self._lock:
+                self._taking = False
+                self._saw_end = saw_end
+                self._has_news.notify_all()  # the emitter may be waiting for exactly this
+            self._thread_gone()
+            self.run.thread_exited()
+
+    # ------------------------------------------------------------------ the emitter thread
+
+    def _emit(self) -> None:
+        out = self.out
+        reorder = self.reorder
+        stop = self.run.stop
+        try:
+            while True:
+                with self._lock:
+                    while (
+                        not self._results and not self._closed and (self._taking or self._in_flight)
+                    ):
+                        self._emitter_waits = True
+                        self._has_news.wait()
+                        self._emitter_waits = False
+                    if self._closed or stop[0]:
+                        return
+                    results = self._results
+                    if not results:
+                        break  # the taker saw the end, and every call's outputs are out
+                    self._results = []
+                # Blocking puts happen here, in this thread, so a full buffer downstream holds
+                # this stage's permits and never the loop.
+                if reorder is not None:
+                    for number, outputs in results:
+                        reorder.complete(number, 1, outputs)
+                else:
+                    batch = [output for _, outputs in results for output in outputs]
+                    if batch:
+                        out.put_many(batch)
+                    del batch
+                count = len(results)
+                del results  # hand the references on; a slow consumer keeps no extra copy
+                with self._lock:
+                    self._in_flight -= count
+                    self._has_room.notify()
+            if self._saw_end and not stop[0]:
+                out.put_end()
+        except Closed:
+            pass
+        except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
+            self.run.fail(exc, self.spec.name, None, has_item=False)
+        finally:
+            self._thread_gone()
+            self.run.thread_exited()
+
+    # ------------------------------------------------------------------ the loop thread
+
+    def _launch(self, items: list[Any], number: int) -> None:
+        # The stop flag is set before any closable is closed, so before the loop is told to stop:
+        # a batch that arrives once the run stopped starts nothing (no call after a cancel).
+        if self.run.stop[0] or self._closed:
+            return
+        loop = self.aio.loop
+        assert loop is not None  # we are running on it
+        tasks = self._tasks
+        for offset, item in enumerate(items):
+            tasks[number + offset] = loop.create_task(self._call(number + offset, item))
+        self._running += len(items)
+        self.spawned = max(self.spawned, self._running)
+
+    async def _call(self, number: int, item: Any) -> None:
+        # Every task's outcome is accounted for without a done-callback (which would cost a loop
+        # iteration per call): this body never raises but CancelledError, and a cancelled task has
+        # nothing to retrieve. Failures go to the run as values, KeyboardInterrupt included, so
+        # nothing escapes into the loop.
+        started = perf_counter()
+        try:
+            try:
+                if self._plain_map:  # the common case, one coroutine frame fewer
+                    outputs = [await self.spec.fn(item)]
+                else:
+                    outputs = await self._timed(item)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the run is stopping: end as cancelled
+                # The function raised CancelledError without being cancelled (an inner task of
+                # its own was): a failure like any other, never a silent drop.
+                self._failed(exc, item)
+                return
+            except BaseException as exc:
+                self._failed(exc, item)
+                return
+            counters = self.counters[0]
+            counters.items_in += 1
+            counters.items_out += len(outputs)
+            counters.busy_seconds += perf_counter() - started
+            with self._lock:
+                self._results.append((number, outputs))
+                if self._emitter_waits:
+                    self._has_news.notify()
+        finally:
+            del self._tasks[number]
+            self._running -= 1
+
+    def _failed(self, exc: BaseException, item: Any) -> None:
+        self.counters[0].errors += 1
+        self.run.fail(exc, self.spec.name, item)
+
+    async def _timed(self, item: Any) -> list[Any]:
+        """The outputs of one call, within the stage's timeout."""
+        timeout = self.spec.timeout
+        if timeout is None:
+            return await self._apply(item)
+        scope = asyncio.timeout(timeout)
+        try:
+            async with scope:
+                return await self._apply(item)
+        except TimeoutError as exc:
+            # Only the TimeoutError that ``asyncio.timeout`` made just now (from the CancelledError
+            # it injected) gets a message: a user's own TimeoutError is raised as it is.
+            if (
+                scope.expired()
+                and isinstance(exc.__cause__, asyncio.CancelledError)
+                and not exc.args
+            ):
+                exc.args = (
+                    f"the call did not finish within timeout={timeout:g} s and was cancelled",
+                )
+            raise
+
+    async def _apply(self, item: Any) -> list[Any]:
+        """The outputs of one call: ``[result]``, ``[item]`` or ``[]``, or a flat_map's elements."""
+        fn = self.spec.fn
+        kind = self.spec.kind
+        if kind == MAP:
+            return [await fn(item)]
+        if kind == FILTER:
+            return [item] if await fn(item) else []
+        if kind == EACH:
+            await fn(item)
+            return [item]
+        # flat_map: an async generator function, or a coroutine function returning an iterable or
+        # an async iterable. Either way the outputs of one item are collected, then passed on.
+        if self.spec.coroutine == ASYNC_GEN:
+            return await _collect(fn(item))
+        result = await fn(item)
+        if hasattr(type(result), "__aiter__"):
+            return await _collect(result)
+        return list(result)
+
+
+async def _collect(aiterable: AsyncIterable[Any]) -> list[Any]:
+    """All of an async iterable's items; the iterator is closed even when this is cancelled."""
+    iterator = aiter(aiterable)
+    try:
+        return [value async for value in iterator]
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+# ---------------------------------------------------------------------------------- async source
+
+
+class AsyncSource:
+    """A pipeline's async source as built: an async iterable, and whether it can feed several runs.
+
+    An async iterator (an async generator object, anything with ``__anext__``) feeds one run; any
+    other async iterable is iterated afresh by every run. It has the interface of
+    :class:`~threadpipe._source.Source` that a pipeline uses.
+
+    Args:
+        aiterable: the items to feed.
+
+    Raises:
+        TypeError: ``aiterable`` is not an async iterable.
+    """
+
+    in_memory: Final = False
+    """Items come from an async iterator, never from a container in memory."""
+
+    def __init__(self, aiterable: AsyncIterable[Any]) -> None:
+        if not hasattr(type(aiterable), "__aiter__"):
+            if callable(aiterable):
+                hint = "; to use an async generator function, call it: from_async_iter(gen())"
+            elif hasattr(type(aiterable), "__iter__"):
+                hint = "; for a plain iterable use Pipeline.from_iter"
+            else:
+                hint = ""
+            raise TypeError(
+                f"from_async_iter(aiterable) needs an async iterable, got {describe(aiterable)} "
+                f"of type {type(aiterable).__qualname__}{hint}"
+            )
+        self.iterable = aiterable
+        # Decided without calling ``__aiter__`` now: by protocol, an async iterator is its own.
+        self.one_shot = hasattr(type(aiterable), "__anext__")
+        self._lock = threading.Lock()
+        self._opened = False
+
+    def open(self) -> AsyncIterator[Any]:
+        """Return a fresh async iterator over the items.
+
+        Raises:
+            SourceConsumedError: the source is a one-shot async iterator that a previous run used.
+            TypeError: ``__aiter__`` did not return an async iterator.
+        """
+        with self._lock:
+            if self.one_shot:
+                if self._opened:
+                    raise SourceConsumedError(
+                        "this pipeline's source is a one-shot async iterator "
+                        f"({type(self.iterable).__qualname__}) that an earlier run consumed; "
+                        "build the pipeline on a re-iterable async source to run it again"
+                    )
+                self._opened = True
+        # ``type(x).__aiter__(x)`` rather than ``aiter(x)``: the builtin would raise on a coroutine
+        # returned by an ``async def __aiter__`` and leave it to warn "never awaited".
+        iterator = type(self.iterable).__aiter__(self.iterable)
+        if not hasattr(type(iterator), "__anext__"):
+            close = getattr(iterator, "close", None)
+            if (
+                close is not None
+            ):  # an ``async def __aiter__`` returned a coroutine: don't let it warn
+                close()
+            raise TypeError(
+                f"__aiter__ of {describe(self.iterable)} returned {describe(iterator)}, "
+                "not an async iterator (is __aiter__ an async def? it must be a plain def)"
+            )
+        return iterator
+
+    @property
+    def length_hint(self) -> int | None:
+        """Always None: an async source's length is not known before it is consumed."""
+        return None
+
+
+class AsyncFeeder:
+    """Pulls an async source on the run's loop and puts its items into the first buffer.
+
+    The async iterator must run on the loop, and a put may wait for room, which the loop must never
+    do. So a task on the loop pulls one item and hands it over; the feeder thread
+    (``threadpipe-source-0``) puts it, and only then lets the task pull the next. The source is thus
+    never pulled more than one item ahead of the buffer, like a plain source. On cancel the loop
+    cancels the task, which closes the iterator (``aclose()``) on its way out, on the loop.
+
+    Args:
+        aiterator: the opened async source.
+        out: the first buffer.
+        run: the run's shared state.
+        aio: the run's loop.
+    """
+
+    def __init__(
+        self, aiterator: AsyncIterator[Any], out: Channel, run: RunState, aio: LoopThread
+    ) -> None:
+        self.aiterator = aiterator
+        self.out = out
+        self.run = run
+        self.aio = aio
+        # ``_lock`` guards the slot and ``_closed``; held only to move one item, by either side.
+        self._lock = threading.Lock()
+        self._handed = threading.Condition(self._lock)
+        self._slot: Any = _EMPTY
+        self._closed = False
+        self._ack: asyncio.Future[None] | None = None  # loop thread only
+        self._task: asyncio.Task[None] | None = (
+            None  # loop thread only; the loop holds tasks weakly
+        )
+        aio.hold()
+        run.closables.append(self)
+
+    def close(self) -> None:
+        """Wake the feeder thread so it exits: the run stopped."""
+        with self._lock:
+            self._closed = True
+            self._handed.notify_all()
+
+    def feed(self) -> None:
+        """The feeder thread: put each item the task hands over, then let it pull the next."""
+        out = self.out
+        try:
+            if not self.aio.call_soon(self._start):
+                return
+            while True:
+                with self._lock:
+                    while self._slot is _EMPTY and not self._closed:
+                        self._handed.wait()
+                    if self._closed:
+                        return
+                    item = self._slot
+                    self._slot = _EMPTY
+                if item is _END_OF_SOURCE:
+                    if not self.run.stop[0]:
+                        out.put_end()
+                    return
+                if not out.try_put(item):
+                    out.put_many([item])
+                del item
+                if not self.aio.call_soon(self._resume):
+                    return
+        except Closed:
+            pass
+        except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
+            self.run.fail(exc, SOURCE_NAME, None, has_item=False)
+        finally:
+            self.aio.release()
+            self.run.thread_exited()
+
+    # ------------------------------------------------------------------ the loop thread
+
+    def _hand(self, item: Any) -> None:
+        with self._lock:
+            self._slot = item
+            self._handed.notify()
+
+    def _resume(self) -> None:
+        ack = self._ack
+        if ack is not None and not ack.done():
+            ack.set_result(None)
+
+    def _start(self) -> None:
+        if self.run.stop[0]:
+            return
+        loop = self.aio.loop
+        assert loop is not None  # we are running on it
+        self._task = loop.create_task(self._pull())
+        self._task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            exc = task.exception()  # retrieved; ``_pull`` carries failures itself, so a bug
+            if exc is not None:
+                self.run.fail(exc, SOURCE_NAME, None, has_item=False)
+
+    async def _pull(self) -> None:
+        aiterator = self.aiterator
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    item = await anext(aiterator)
+                except StopAsyncIteration:
+                    self._hand(_END_OF_SOURCE)
+                    return
+                self._ack = loop.create_future()
+                self._hand(item)
+                del item
+                await self._ack
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.run.fail(exc, SOURCE_NAME, None, has_item=False)
+        finally:
+            # Like the feeder of a plain source: a source the run stopped early is closed, here on
+            # the loop that iterates it, so its ``finally`` blocks run.
+            if self.run.stop[0]:
+                aclose = getattr(aiterator, "aclose", None)
+                if aclose is not None:
+                    try:
+                        await aclose()
+                    except asyncio.CancelledError:
+                        raise
+                    except BaseException as exc:
+                        self.run.fail(exc, SOURCE_NAME, None, has_item=False)
+
+
+# ---------------------------------------------------------------------------------- async for
+
+
+class _Helper:
+    """One thread that does an async iterator's blocking waits, so the caller's loop never does.
+
+    It runs one job at a time and hands the result to the caller's loop with
+    ``call_soon_threadsafe``. It lingers ``_LINGER`` seconds for the next job, so a steady stream
+    of waits reuses one thread, then exits, so an abandoned iterator does not keep a thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._has_job = threading.Condition(self._lock)
+        self._job: (
+            tuple[Callable[[], Any], asyncio.AbstractEventLoop, Callable[[Any], None]] | None
+        ) = None
+        self._running = False
+        self._closed = False
+
+    def close(self) -> None:
+        """Let the thread exit now rather than linger: the iteration is over."""
+        with self._lock:
+            self._closed = True
+            self._has_job.notify()
+
+    def submit(
+        self,
+        job: Callable[[], Any],
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[Any], None],
+    ) -> None:
+        """Run ``job()`` in the helper thread, then ``deliver((result, exception))`` on ``loop``."""
+        with self._lock:
+            self._job = (job, loop, deliver)
+            if self._running:
+                self._has_job.notify()
+                return
+            self._running = True
+        try:
+            threading.Thread(target=self._main, name="threadpipe-output-0", daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self._running = False
+                self._job = None
+            raise
+
+    def _main(self) -> None:
+        while True:
+            with self._lock:
+                if self._job is None and not self._closed:
+                    self._has_job.wait(_LINGER)
+                job = self._job
+                self._job = None
+                if job is None:
+                    self._running = False
+                    return
+            fn, loop, deliver = job
+            del job
+            result: tuple[Any, BaseException | None]
+            try:
+                result = (fn(), None)
+            except BaseException as exc:
+                result = (None, exc)
+            try:
+                loop.call_soon_threadsafe(deliver, result)
+            except RuntimeError:
+                pass  # the caller's loop is closed: nobody is waiting any more
+            del fn, loop, deliver, result
+
+
+def _fetch(channel: Channel, batch: int) -> Any:
+    """Wait for outputs (in the helper thread): a batch, ``[]`` at the end, ``_CLOSED`` on stop."""
+    try:
+        got = channel.get_many(batch)
+    except Closed:
+        return _CLOSED
+    assert got is not None  # no timeout given
+    return got[0]
+
+
+def _deliver(ref: weakref.ref[AsyncOutput[Any]], result: tuple[Any, BaseException | None]) -> None:
+    # Through a weak reference: a wait in progress must not keep an abandoned iterator (and so its
+    # run) alive; dropping it is what cancels a run that ``async for x in pipeline`` left early.
+    output = ref()
+    if output is not None:
+        output._delivered(result)
+
+
+class AsyncOutput(Generic[T]):
+    """The async iterator over a run's outputs, for ``async for``; see ``Run.__aiter__``.
+
+    Outputs already in the buffer are taken at once. When there are none, a helper thread
+    (``threadpipe-output-0``) waits for them and wakes this iterator's task through its loop, which
+    meanwhile runs its other tasks. Cancelling the task that waits loses nothing: the outputs the
+    helper takes are kept for the next ``__anext__``.
+
+    Args:
+        run: the run to iterate.
+        own: the iterator owns the run (``async for x in pipeline``): :meth:`aclose` cancels it.
+    """
+
+    def __init__(self, run: Run[T], own: bool = False) -> None:
+        self._run = run  # keeps the run alive (and so not cancelled) while this iterator is
+        self._own = own
+        self._state = run._state
+        self._channel = run._output
+        self._stop = run._state.stop
+        self._batch = max(1, run._output.maxsize)
+        self._buffer: deque[Any] = deque()
+        # Caller's loop thread only: results the helper delivered, not yet looked at.
+        self._delivered_results: deque[tuple[Any, BaseException | None]] = deque()
+        self._waiting = False  # a job is with the helper
+        self._woken: asyncio.Future[None] | None = None
+        self._helper = _Helper()
+
+    def __aiter__(self) -> AsyncOutput[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        """Return the next output, waiting for it without blocking the caller's event loop.
+
+        Raises:
+            StopAsyncIteration: the outputs are over (or the run was cancelled).
+            BaseException: the exception a stage or the source raised, as itself.
+        """
+        buffer = self._buffer
+        if buffer and not self._stop[0]:
+            return buffer.popleft()  # type: ignore[no-any-return]
+        while True:
+            if self._stop[0]:
+                self._stopped()
+            if self._delivered_results:
+                got, error = self._delivered_results.popleft()
+                if error is not None:
+                    raise error
+            elif self._waiting:
+                await self._sleep()
+                continue
+            else:
+                try:
+                    taken = self._channel.get_many(
+                        self._batch, 0
+                    )  # takes what is there, never waits
+                except Closed:
+                    self._stopped()
+                if taken is None:
+                    self._wait_in_thread(partial(_fetch, self._channel, self._batch))
+                    await self._sleep()
+                    continue
+                got = taken[0]
+            if got is _CLOSED:
+                self._stopped()
+            if not got:
+                # As the plain iterator does: every call has returned once the end arrives, and the
+                # threads on their way out are not waited for.
+                self._helper.close()
+                self._state.finished = True
+                self._run._close_monitor()
+                if self._own:
+                    self._run._raise_error()
+                raise StopAsyncIteration
+            buffer.extend(got)
+            return buffer.popleft()  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        """Stop iterating; cancel the run if this iterator owns it (``async for x in pipeline``)."""
+        self._buffer.clear()
+        self._helper.close()
+        if self._own:
+            self._run.cancel()
+
+    def _stopped(self) -> NoReturn:
+        self._buffer.clear()
+        self._helper.close()
+        self._run._raise_error()
+        raise StopAsyncIteration
+
+    def _wait_in_thread(self, job: Callable[[], Any]) -> None:
+        self._waiting = True
+        self._helper.submit(job, asyncio.get_running_loop(), partial(_deliver, weakref.ref(self)))
+
+    def _delivered(self, result: tuple[Any, BaseException | None]) -> None:
+        # On the caller's loop thread, like every other method here: no lock needed.
+        self._waiting = False
+        self._delivered_results.append(result)
+        woken = self._woken
+        if woken is not None and not woken.done():
+            woken.set_result(None)
+
+    async def _sleep(self) -> None:
+        """Wait until the helper delivers (nothing can run between a submit and this await)."""
+        woken = asyncio.get_running_loop().create_future()
+        self._woken = woken
+        try:
+            await woken
+        finally:
+            self._woken = None

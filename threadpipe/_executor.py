@@ -1,0 +1,542 @@
+"""The executor adapter: a stage whose calls run on a ``concurrent.futures.Executor``.
+
+Threads share one interpreter lock, so a CPU-bound function gains nothing from a wider thread stage.
+Such a stage can hand its calls to an executor instead: a process pool, a Dask cluster
+(``Client(...).get_executor()``), or any other object with the ``Executor.submit`` protocol. The
+pipeline keeps its own flow control, ordering, backpressure and error handling around it.
+
+A stage on an executor runs two threads of its own, whatever its ``workers``:
+
+* the dispatcher (``threadpipe-<stage>-0``) takes items from the input buffer and submits one call
+  per item, never holding more than ``workers`` items at once (one permit per item, taken before the
+  item leaves the input buffer);
+* the collector (``threadpipe-<stage>-1``) hands finished calls on, in input order or as they
+  finish, and returns an item's permit only once its output is in the next buffer.
+
+The futures' done-callbacks run on the executor's own threads (a process pool's manager thread, a
+Dask client's event loop). They only record the completion and wake the collector: a callback that
+waited for room in a full buffer would stall every other future of that executor. Waiting for room
+is the collector's job, and its held permits are what stop the dispatcher from submitting more.
+
+Two threads, not one: the dispatcher sleeps in the input buffer while it waits for items, and the
+buffer cannot also wake it for a completion, so a single thread would leave finished results
+sitting (possibly for good) whenever the input runs dry.
+
+Cancel (or a failure anywhere in the run) cancels the stage's futures that have not started and
+returns without waiting for calls already running elsewhere; their results are dropped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import pickle
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import CancelledError, Executor, Future, ProcessPoolExecutor
+from functools import partial
+from multiprocessing.context import BaseContext
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Final
+
+from ._channel import Channel, Closed
+from ._errors import describe
+from ._stage import EACH, FILTER, FLAT_MAP, MAP, StageSpec, _Counters
+
+if TYPE_CHECKING:
+    from ._run import RunState
+
+__all__ = ["PROCESSES", "ExecutorStage", "check_executor", "flatten", "permits", "process_context"]
+
+PROCESSES: Final = "processes"
+"""The ``executor=`` string that gives each run its own process pool of ``workers`` processes."""
+
+_NO_ITEM: Final = object()
+
+# Error types that pickle raises for an object it cannot serialise: PicklingError for a function it
+# cannot find by name, TypeError ("cannot pickle '_thread.lock' object"), AttributeError ("Can't
+# pickle local object").
+_PICKLE_ERRORS: Final = (pickle.PicklingError, TypeError, AttributeError)
+
+
+def check_executor(executor: object) -> Executor | str | None:
+    """Check the ``executor=`` argument of a stage when the pipeline is built.
+
+    Args:
+        executor: None (a thread stage), an ``Executor`` instance, or ``"processes"``.
+
+    Returns:
+        ``executor`` itself.
+
+    Raises:
+        TypeError: ``executor`` is none of those.
+    """
+    if executor is None or isinstance(executor, Executor):
+        return executor
+    if isinstance(executor, str) and executor == PROCESSES:
+        return executor
+    if isinstance(executor, type) and issubclass(executor, Executor):
+        raise TypeError(
+            f"executor must be an Executor instance or {PROCESSES!r}, got the class "
+            f"{executor.__qualname__}: pass an instance, such as {executor.__qualname__}(...)"
+        )
+    raise TypeError(
+        f"executor must be a concurrent.futures.Executor or {PROCESSES!r}, "
+        f"got {describe(executor)} ({type(executor).__qualname__})"
+    )
+
+
+def flatten(fn: Callable[[Any], Iterable[Any]], item: Any) -> list[Any]:
+    """Call a ``flat_map`` function where it runs and return its outputs as a list.
+
+    A generator cannot travel between processes, so a remote ``flat_map`` call returns the list of
+    what it yielded. This is a module-level function so that it pickles by name: workers of another
+    process (or machine) need threadpipe importable to run a ``flat_map`` stage.
+    """
+    return list(fn(item))
+
+
+def process_context() -> BaseContext:
+    """The multiprocessing context for ``executor="processes"``.
+
+    The start method the program chose with ``multiprocessing.set_start_method`` is kept. Otherwise
+    ``forkserver`` (``spawn`` where that is missing), not the ``fork`` default of Linux before
+    Python 3.14: a run always has threads going, and a child forked from a threaded process can
+    inherit a lock that some thread held at that instant and deadlock on it.
+    """
+    method = multiprocessing.get_start_method(allow_none=True)
+    if method is None:
+        method = (
+            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        )
+    return multiprocessing.get_context(method)
+
+
+def permits(spec: StageSpec) -> int:
+    """The most items a stage on an executor holds: its calls in flight plus outputs on their way.
+
+    ``workers``, and one more for the pool of ``"processes"``: that pool has exactly ``workers``
+    processes, so the extra call cannot run alongside the others; it waits in the pool's queue, as
+    ``ProcessPoolExecutor.map`` keeps one waiting, so that a process that finishes a call starts
+    the next at once instead of idling for the round trip through the pipeline's threads (on a
+    machine whose cores the processes fill, that round trip waits for a core: 10-15% of the
+    throughput of 10 ms calls on 2 cores).
+    """
+    return spec.workers + 1 if spec.executor == PROCESSES else spec.workers
+
+
+def _pickler_for(executor: Executor) -> Callable[[Any], bytes] | None:
+    """The serialiser ``executor`` sends functions with, when it is known; else None."""
+    if isinstance(executor, ProcessPoolExecutor):
+        return pickle.dumps
+    if type(executor).__module__.startswith("distributed."):
+        # Dask serialises with pickle, falling back to cloudpickle (which it depends on), so
+        # cloudpickle's verdict is Dask's. Imported here: Dask is an optional extra.
+        try:
+            cloudpickle = importlib.import_module("cloudpickle")
+        except ImportError:  # pragma: no cover - distributed always brings it
+            return None
+        dumps: Callable[[Any], bytes] = cloudpickle.dumps
+        return dumps
+    return None
+
+
+class _Call:
+    """One submitted item: its future, and when it was submitted and finished."""
+
+    __slots__ = ("future", "item", "ready", "seconds", "submitted")
+
+    def __init__(self, item: Any, future: Future[Any], submitted: float) -> None:
+        self.item = item
+        self.future = future
+        self.submitted = submitted
+        self.seconds = 0.0
+        self.ready = False
+
+
+class ExecutorStage:
+    """One stage of a run whose calls go to an executor: its two threads and its futures.
+
+    It has the interface of :class:`~threadpipe._stage.Stage` that a run and its statistics use:
+    ``spec``, ``inp``, ``out``, ``spawned`` (threads started), ``counters`` and ``start()``. It is
+    also one of the run's closables: the run's stop calls :meth:`close`.
+
+    Args:
+        spec: what to run; ``spec.executor`` is an ``Executor`` or ``"processes"``.
+        inp: the channel the dispatcher reads.
+        out: the channel the collector writes.
+        run: the run's shared state (stop flag, error, thread accounting).
+    """
+
+    def __init__(self, spec: StageSpec, inp: Channel, out: Channel, run: RunState) -> None:
+        self.spec = spec
+        self.inp = inp
+        self.out = out
+        self.run = run
+        # One set of counters, written by the collector alone as it hands calls on: items_in counts
+        # the items whose calls have returned (the statistics' in-flight count is the input
+        # buffer's ``taken`` minus this), busy_seconds the seconds each call spent between its
+        # submit and its completion. cpu_seconds stays None: the calls do not run on our threads.
+        self.counters: list[_Counters] = [_Counters()]
+        self.spawned = 0
+        self.permits = permits(spec)
+        self.executor: Executor | None = None
+        # The pool this stage created for "processes"; shut down when the stage's threads end.
+        self._owned: ProcessPoolExecutor | None = None
+        # Lock discipline: ``_lock`` guards every field below. It is held only for bookkeeping,
+        # never across a submit, a put, a future's cancel or ``run.fail`` (which calls ``close``,
+        # which takes it): each of those may block, or call back into this stage.
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # dispatcher: permits came back, or stop
+        self._news = threading.Condition(self._lock)  # collector: a call finished, end, or stop
+        self._calls: dict[int, _Call] = {}  # submitted, not yet taken by the collector
+        self._ready: deque[int] = deque()  # unordered stage: finished calls, in finishing order
+        self._head = 0  # ordered stage: the number of the next call to hand on
+        self._held = 0  # permits in use: items taken from the input and not yet handed on
+        self._dispatching = True
+        self._input_ended = False
+        self._alive = 0
+        run.closables.append(self)
+
+    def __repr__(self) -> str:
+        return f"<ExecutorStage {self.spec.name!r} on {describe(self.spec.executor)}>"
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        """Check the function can travel, set up the executor, and start the two threads.
+
+        A function that the executor would have to pickle and cannot fails the run here, before
+        any item is taken, with a note saying why.
+        """
+        spec = self.spec
+        executor = spec.executor
+        assert executor is not None
+        try:
+            dumps = pickle.dumps if isinstance(executor, str) else _pickler_for(executor)
+            if dumps is not None:
+                try:
+                    dumps(spec.fn)
+                except Exception as exc:
+                    exc.add_note(
+                        f"threadpipe: stage {spec.name!r} runs its calls in other processes, and "
+                        f"its function {describe(spec.fn)} cannot be pickled to send there; "
+                        "define it at module level (lambdas, nested functions and objects "
+                        "holding locks, files or sockets do not pickle)"
+                    )
+                    raise
+            if isinstance(executor, Executor):
+                self.executor = executor
+            else:
+                self._owned = ProcessPoolExecutor(spec.workers, mp_context=process_context())
+                self.executor = self._owned
+        except Exception as exc:
+            if not any(
+                str(note).startswith("threadpipe: ") for note in getattr(exc, "__notes__", ())
+            ):
+                exc.add_note(
+                    f"threadpipe: raised in stage {spec.name!r} while setting up its executor"
+                )
+            self.run.fail(exc, spec.name, None, has_item=False)
+            return
+        targets = (self._dispatch, self._collect)
+        with self._lock:
+            if self.run.stop[0]:
+                return
+            # Both threads count as alive before either starts. Otherwise a dispatcher that met
+            # the end of a short input at once could exit as the "last" thread, shut the pool
+            # down and drop the calls before the collector had started.
+            self._alive = len(targets)
+        for _ in targets:
+            self.run.thread_started()
+        for index, target in enumerate(targets):
+            thread = threading.Thread(
+                target=target, name=f"threadpipe-{spec.name}-{index}", daemon=True
+            )
+            try:
+                thread.start()
+            except BaseException:
+                # The threads not started will never run their exit accounting: undo it here.
+                if index == 0:
+                    with self._lock:
+                        self._dispatching = False
+                for _ in targets[index:]:
+                    self._exit()
+                raise
+            self.spawned += 1
+
+    def close(self) -> None:
+        """Stop at the run's request: wake both threads, cancel the calls that have not started.
+
+        Called by the run's stop, from whichever thread stops it. Never blocks on a running call
+        and never raises: the run's other closables are closed after this one.
+        """
+        with self._lock:
+            calls = list(self._calls.values())
+            self._room.notify_all()
+            self._news.notify_all()
+        # Outside the lock: a cancel runs the future's done-callbacks (ours takes the lock) at once.
+        for call in calls:
+            try:
+                call.future.cancel()
+            except Exception:  # an executor's cancel hook failing must not stop the cancel
+                pass
+        self._shutdown(wait=False)
+
+    def _shutdown(self, wait: bool) -> None:
+        """Shut down the pool this stage created, if any; without waiting for calls unless told."""
+        pool = self._owned
+        if pool is None:
+            return
+        try:
+            if wait:
+                pool.shutdown(wait=True)
+            else:
+                pool.shutdown(wait=False, cancel_futures=True)
+        except Exception:  # pragma: no cover - shutdown does not raise on a live pool
+            pass
+
+    def _exit(self) -> None:
+        with self._lock:
+            self._alive -= 1
+            last = self._alive == 0
+            if last:
+                # After a stop, calls may be left that nobody will hand on. Drop them: a failed
+                # run's exception keeps the run reachable, and with it every future we hold (and
+                # a Dask future keeps its result in the cluster's memory while it is referenced).
+                self._calls.clear()
+                self._ready.clear()
+        if last:
+            # The last thread out closes the pool; after a complete run every call has returned,
+            # so waiting only joins the idle processes, and ``join()`` leaves none behind.
+            self._shutdown(wait=not self.run.stop[0])
+        self.run.thread_exited()
+
+    # ------------------------------------------------------------------ the dispatcher
+
+    def _dispatch(self) -> None:
+        spec = self.spec
+        fn = spec.fn
+        executor = self.executor
+        assert executor is not None
+        submit = executor.submit
+        flat = spec.kind is FLAT_MAP
+        inp = self.inp
+        stop = self.run.stop
+        permits = self.permits
+        room = self._room
+        calls = self._calls
+        done = self._done
+        number = 0
+        saw_end = False
+        item: Any = _NO_ITEM
+        try:
+            while True:
+                with self._lock:
+                    while self._held >= permits:
+                        if stop[0]:
+                            raise Closed
+                        room.wait()
+                    free = permits - self._held
+                got = inp.get_many(free)
+                assert got is not None  # no timeout given
+                items = got[0]
+                if not items:
+                    saw_end = True
+                    return
+                # Take the permits before submitting, so the collector never sees the count at
+                # zero while some of these items are still on their way to the executor.
+                with self._lock:
+                    self._held += len(items)
+                for item in items:
+                    if stop[0]:
+                        raise Closed
+                    submitted = perf_counter()
+                    try:
+                        future = submit(flatten, fn, item) if flat else submit(fn, item)
+                    except Exception as exc:
+                        if stop[0]:
+                            raise Closed from None  # the cancel shut the pool down under us
+                        self._explain_submit(exc, item)
+                        raise
+                    with self._lock:
+                        calls[number] = _Call(item, future, submitted)
+                    future.add_done_callback(partial(done, number))
+                    number += 1
+                    if stop[0]:
+                        # The stop may have come before ``close`` could see this future.
+                        future.cancel()
+                        raise Closed
+                item = _NO_ITEM
+                del items  # hand the references on: the calls hold the items now
+        except Closed:
+            pass
+        except BaseException as exc:
+            # The one write the dispatcher makes to the counters, on its way out. It could race
+            # with the collector's count only if both failed at the same instant, and only the
+            # first failure of a run reaches the caller anyway.
+            self.counters[0].errors += 1
+            self.run.fail(exc, spec.name, item, has_item=item is not _NO_ITEM)
+        finally:
+            with self._lock:
+                self._dispatching = False
+                self._input_ended = saw_end
+                self._news.notify()
+            self._exit()
+
+    def _explain_submit(self, exc: Exception, item: Any) -> None:
+        """Add a note to a submit's error when the item could not be serialised for the executor."""
+        executor = self.executor
+        assert executor is not None
+        if not isinstance(exc, _PICKLE_ERRORS) or _pickler_for(executor) is None:
+            return
+        self._note_unpicklable_item(exc, item)
+
+    def _note_unpicklable_item(self, exc: BaseException, item: Any) -> None:
+        # Dask raises its own TypeError ("Could not serialize object of type ...") from pickle's:
+        # name pickle's reason, which is the one that says what to fix. (A process pool's cause is
+        # the text of the traceback in its feeder thread instead: the error itself says it.)
+        cause = exc.__cause__
+        if not isinstance(cause, _PICKLE_ERRORS):
+            cause = exc
+        exc.add_note(
+            f"threadpipe: stage {self.spec.name!r} sends its items to other processes, and item "
+            f"{describe(item)} cannot be pickled to send there ({type(cause).__name__}: {cause})"
+        )
+
+    # ------------------------------------------------------------------ completions
+
+    def _done(self, number: int, future: Future[Any]) -> None:
+        """Done-callback of call ``number``: record it and wake the collector. Never blocks.
+
+        Runs on the executor's thread (or on the dispatcher's, for a future that finished before
+        the callback was added).
+        """
+        finished = perf_counter()
+        with self._lock:
+            call = self._calls.get(number)
+            if call is None:
+                return  # dropped when the stage ended after a stop
+            call.seconds = finished - call.submitted
+            call.ready = True
+            if not self.spec.ordered:
+                self._ready.append(number)
+                self._news.notify()
+            elif number == self._head:
+                self._news.notify()
+
+    # ------------------------------------------------------------------ the collector
+
+    def _take_finished(self) -> list[_Call]:
+        """Remove and return the calls that can be handed on now. Call with ``_lock`` held."""
+        calls = self._calls
+        if self.spec.ordered:
+            taken = []
+            head = self._head
+            while True:
+                call = calls.get(head)
+                if call is None or not call.ready:
+                    break
+                del calls[head]
+                taken.append(call)
+                head += 1
+            self._head = head
+            return taken
+        ready = self._ready
+        taken = [calls.pop(number) for number in ready]
+        ready.clear()
+        return taken
+
+    def _collect(self) -> None:
+        spec = self.spec
+        kind = spec.kind
+        out = self.out
+        stop = self.run.stop
+        counters = self.counters[0]
+        news = self._news
+        saw_end = False
+        item: Any = _NO_ITEM
+        try:
+            while True:
+                with self._lock:
+                    while True:
+                        if stop[0]:
+                            raise Closed
+                        finished = self._take_finished()
+                        if finished:
+                            break
+                        if not self._dispatching and not self._held:
+                            # Every item taken has been handed on and no more will be taken.
+                            saw_end = self._input_ended
+                            return
+                        news.wait()
+                outputs: list[Any] = []
+                busy = 0.0
+                for call in finished:
+                    item = call.item
+                    future = call.future
+                    busy += call.seconds
+                    if future.cancelled():
+                        if stop[0]:
+                            raise Closed
+                        # Cancelled by someone else (the executor was shut down, a cluster
+                        # cancelled it): a missing result is a failure, never a silent gap.
+                        raise CancelledError(
+                            f"the executor cancelled the call for item {describe(item)}"
+                        )
+                    error = future.exception()
+                    if error is not None:
+                        counters.errors += 1
+                        self._fail_call(error, item)
+                        raise Closed
+                    if kind is MAP:
+                        outputs.append(future.result())
+                    elif kind is FILTER:
+                        if future.result():
+                            outputs.append(item)
+                    elif kind is EACH:
+                        outputs.append(item)
+                    else:
+                        outputs.extend(future.result())
+                item = _NO_ITEM
+                counters.items_in += len(finished)
+                counters.items_out += len(outputs)
+                counters.busy_seconds += busy
+                if outputs:
+                    out.put_many(outputs)
+                # Only now, with the outputs in the next buffer, do the items stop counting
+                # against the stage: this is what makes a full buffer hold the dispatcher back.
+                with self._lock:
+                    self._held -= len(finished)
+                    self._room.notify()
+                del finished, outputs, call, future
+        except Closed:
+            pass
+        except BaseException as exc:
+            counters.errors += 1
+            self.run.fail(exc, spec.name, item, has_item=item is not _NO_ITEM)
+        finally:
+            if saw_end and not stop[0]:
+                out.put_end()
+            self._exit()
+
+    def _fail_call(self, error: BaseException, item: Any) -> None:
+        """Fail the run with a call's exception, as ``Future.result()`` would raise it."""
+        executor = self.executor
+        if (
+            isinstance(executor, ProcessPoolExecutor)
+            and isinstance(error, _PICKLE_ERRORS)
+            and not _picklable(item)
+        ):
+            # A process pool pickles items in its own thread and reports a failure on the future.
+            self._note_unpicklable_item(error, item)
+        self.run.fail(error, self.spec.name, item)
+
+
+def _picklable(item: Any) -> bool:
+    try:
+        pickle.dumps(item)
+    except Exception:
+        return False
+    return True

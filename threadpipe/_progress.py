@@ -1,0 +1,128 @@
+"""Progress bars: one tqdm bar per stage, stacked, counting the items out of each stage.
+
+The bars are created in the caller's thread by ``start()`` (so a bad tqdm argument fails there,
+before any thread runs) and from then on touched only by the run's monitor thread, which refreshes
+them at a bounded rate from the workers' counters. Workers never call tqdm.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from ._errors import describe
+from ._stage import EACH, MAP
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from ._stage import StageSpec
+    from ._stats import StageStats
+
+__all__ = ["Bars", "check_progress", "source_length"]
+
+# Kinds that make exactly one output per input: a bar after only these can show the source's length
+# as its total. After a filter or a flat_map the count is unknown, and no total beats a wrong one.
+ONE_TO_ONE: Final = frozenset({MAP, EACH})
+
+
+def check_progress(progress: object) -> dict[str, Any] | None:
+    """Validate ``start(progress=...)``: the tqdm keyword arguments to use, or None for no bars.
+
+    Raises:
+        TypeError: ``progress`` is not a bool, None or a mapping with str keys.
+    """
+    if progress is None or progress is False:
+        return None
+    if progress is True:
+        return {}
+    if isinstance(progress, Mapping) and all(isinstance(k, str) for k in progress):
+        return dict(progress)
+    raise TypeError(
+        "progress must be a bool, None or a dict of tqdm keyword arguments, "
+        f"got {describe(progress)} ({type(progress).__qualname__})"
+    )
+
+
+def source_length(iterable: object) -> int | None:
+    """The source's length from ``operator.length_hint``, or None when it is not known."""
+    try:
+        n = operator.length_hint(iterable, -1)
+    except Exception:  # a user's __len__ or __length_hint__ may raise; bars just go without a total
+        return None
+    return n if n >= 0 else None
+
+
+@functools.cache
+def _bar_class() -> type[tqdm[Any]]:
+    from tqdm import tqdm
+
+    class StageBar(tqdm):  # type: ignore[type-arg]
+        """A tqdm bar that starts no monitor thread of its own: the run's monitor refreshes it."""
+
+        monitor_interval = 0
+
+    return StageBar
+
+
+class Bars:
+    """The stacked bars of one run.
+
+    Args:
+        specs: the stages, in order.
+        options: tqdm keyword arguments applied to every bar. ``position``, if given, is the
+            position of the first bar; the others follow it.
+        length: the source's length, or None when unknown.
+
+    Raises:
+        Exception: whatever tqdm raises for a bad keyword argument (``TqdmKeyError``).
+    """
+
+    def __init__(
+        self, specs: Sequence[StageSpec], options: Mapping[str, Any], length: int | None
+    ) -> None:
+        cls = _bar_class()
+        options = dict(options)
+        base = options.pop("position", 0)
+        width = max((len(spec.name) for spec in specs), default=0)
+        total = length
+        self._bars: list[tqdm[Any]] = []
+        try:
+            for i, spec in enumerate(specs):
+                if spec.kind not in ONE_TO_ONE:
+                    total = None
+                kwargs: dict[str, Any] = {
+                    "desc": spec.name.ljust(width),
+                    "total": total,
+                    "position": base + i,
+                    "leave": True,
+                    "unit": "it",
+                    "dynamic_ncols": True,
+                    # The monitor thread already limits the refresh rate; tqdm's own throttling
+                    # would drop the postfix updates made without a count change.
+                    "mininterval": 0,
+                    "miniters": 0,
+                }
+                kwargs.update(options)
+                self._bars.append(cls(**kwargs))
+        except BaseException:
+            self.close()
+            raise
+
+    def update(self, stats: Sequence[StageStats]) -> None:
+        """Show ``stats``: the count of items out, in-flight items and input buffer fill."""
+        for bar, s in zip(self._bars, stats, strict=True):
+            postfix = f"in flight {s.in_flight}, buffer {s.queue_size}/{s.queue_capacity}"
+            if s.errors:
+                postfix += f", errors {s.errors}"
+            bar.set_postfix_str(postfix, refresh=False)
+            bar.update(s.items_out - bar.n)
+
+    def close(self) -> None:
+        """Close every bar (idempotent); with ``leave=True`` (the default) the final counts stay."""
+        # Top to bottom: each bar closed with leave=True prints its final line and moves the
+        # cursor down to the next one, so the stack stays in place.
+        for bar in self._bars:
+            bar.close()
