@@ -42,6 +42,7 @@ from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
 
+from ._calls import RateLimiter, backoff, handle
 from ._channel import Channel, Closed
 from ._coroutine import ASYNC_GEN
 from ._errors import SourceConsumedError, describe
@@ -276,7 +277,10 @@ class CoroutineStage:
         # (by item number) until they end.
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._running = 0
-        self._plain_map = spec.kind == MAP and spec.timeout is None
+        self._plain_map = spec.kind == MAP and spec.timeout is None and spec.options.plain
+        rate = spec.options.rate
+        # One limiter for the stage, shared by its coroutines: the rate holds whatever ``workers``.
+        self._limiter = RateLimiter(rate, run.stopped) if rate is not None else None
         aio.hold()
         run.closables.append(self)
 
@@ -432,8 +436,10 @@ class CoroutineStage:
             try:
                 if self._plain_map:  # the common case, one coroutine frame fewer
                     outputs = [await self.spec.fn(item)]
-                else:
+                elif self.spec.options.plain:
                     outputs = await self._timed(item)
+                else:
+                    outputs = await self._attempts(item)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -460,6 +466,52 @@ class CoroutineStage:
     def _failed(self, exc: BaseException, item: Any) -> None:
         self.counters[0].errors += 1
         self.run.fail(exc, self.spec.name, item)
+
+    async def _attempts(self, item: Any) -> list[Any]:
+        """The outputs of one item with the stage's rate limit, retries and error policy.
+
+        The same rules as a thread stage's (see ``_calls.wrap``), waiting with ``asyncio.sleep``
+        so that the loop never blocks. A cancel (the run stopping) is never retried or handled.
+        """
+        options = self.spec.options
+        attempt = 0
+        while True:
+            if self._limiter is not None:
+                delay = self._limiter.reserve()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            try:
+                return await self._timed(item)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as error:
+                if attempt < options.retries and isinstance(error, options.retry_on):
+                    attempt += 1
+                    await asyncio.sleep(backoff(options, attempt))
+                    continue
+                if options.on_error == "raise" or not isinstance(error, Exception):
+                    raise
+                failure = error
+            kind = self.spec.kind
+            result = handle(
+                failure,
+                item,
+                options,
+                stage=self.spec.name,
+                run=self.run,
+                counters=self.counters[0],
+                fallback=lambda item: None,  # a skipped item gives no outputs, whatever the kind
+            )
+            if options.on_error == "skip":
+                return []
+            # The policy's replacement stands for what the call would have returned.
+            if kind == MAP:
+                return [result]
+            if kind == FILTER:
+                return [item] if result else []
+            if kind == EACH:
+                return [item]
+            return list(result)
 
     async def _timed(self, item: Any) -> list[Any]:
         """The outputs of one call, within the stage's timeout."""

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["END", "Channel", "Closed"]
+__all__ = ["END", "Channel", "Closed", "ReliefChannel"]
 
 
 class _End:
@@ -247,3 +247,55 @@ class Channel(queue.Queue[Any]):
         if starved and self.on_starved is not None:
             self.on_starved()
         return items, number
+
+
+class ReliefChannel(Channel):
+    """A buffer that never makes its producers wait: when full, it drops its oldest item.
+
+    The relief valve of a pipeline whose consumers must see the newest items (sensor readings,
+    status updates) rather than every item. ``dropped`` counts what was let go. What it holds at the
+    end of input is delivered.
+    """
+
+    def __init__(self, maxsize: int, name: str = "") -> None:
+        super().__init__(maxsize, name)
+        self.dropped = 0
+
+    def try_put(self, item: Any) -> bool:
+        """Append ``item``, dropping the oldest item if the buffer is full; always True.
+
+        Raises:
+            Closed: the channel was closed.
+        """
+        self.put_many([item])
+        return True
+
+    def put_many(self, items: list[Any], timeout: float | None = None) -> int:
+        """Append ``items`` without waiting, dropping the oldest items to make room.
+
+        Returns:
+            ``len(items)``: every item went in (some older ones may have gone out).
+
+        Raises:
+            Closed: the channel was closed.
+        """
+        with self.mutex:
+            if self.closed:
+                raise Closed
+            q = self.queue
+            q.extend(items)
+            over = len(q) - self.maxsize
+            if over > 0:
+                # Numbers for ordered stages count items taken, not dropped: dropping from the
+                # head changes no number already handed out.
+                for _ in range(over):
+                    q.popleft()
+                self.dropped += over
+            if self.idle_getters:
+                self.not_empty.notify(len(items))
+                starved = False
+            else:
+                starved = len(q) > len(items)
+        if starved and self.on_starved is not None:
+            self.on_starved()
+        return len(items)

@@ -14,16 +14,23 @@ from collections.abc import (
 )
 from concurrent.futures import Executor
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar, cast, overload
+from itertools import islice
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypedDict, TypeVar, cast, overload
 
-from ._channel import Channel
+from typing_extensions import Unpack
+
+from ._calls import PLAIN, CallOptions, check_options
+from ._channel import Channel, ReliefChannel
 from ._coroutine import check_timeout, coroutine_kind
 from ._errors import describe
 from ._executor import ExecutorStage, check_executor
 from ._monitor import Monitor
 from ._progress import Bars, check_progress, source_length
+from ._merge import MergeSource
+from ._operators import BATCH, OPERATOR_KINDS, PIPE, TAKE, BatchStage, PipeStage, TakeStage
 from ._run import Run, RunState
-from ._source import SOURCE_NAME, Source, feed
+from ._source import SOURCE_NAME, QueueSource, Source, feed
 from ._stage import EACH, FILTER, FLAT_MAP, MAP, Stage, StageSpec, held_bound
 from ._trace import Tracer, check_trace
 
@@ -52,9 +59,90 @@ def _check_callable(param: str, value: object) -> None:
         raise TypeError(f"{param} must be callable, got {describe(value)} ({type(value).__qualname__})")
 
 
-def _runtime(spec: StageSpec) -> type[Stage] | type[ExecutorStage]:
-    """The class that runs ``spec`` in a run: a pool of threads, or a feeder of an executor."""
+_OPERATOR_RUNTIMES: Final[dict[str, type[PipeStage | TakeStage | BatchStage]]] = {
+    PIPE: PipeStage,
+    TAKE: TakeStage,
+    BATCH: BatchStage,
+}
+
+
+def _runtime(spec: StageSpec) -> type[Any]:
+    """The class that runs ``spec`` in a run: a pool of threads, a feeder of an executor, or the
+    one thread of a stream operator (coroutine stages are made by the run's loop)."""
+    if spec.kind in OPERATOR_KINDS:
+        return _OPERATOR_RUNTIMES[spec.kind]
     return Stage if spec.executor is None else ExecutorStage
+
+
+class CallKwargs(TypedDict, total=False):
+    """How a ``map``/``filter``/``flat_map``/``each`` stage calls its function, beyond ``fn(item)``.
+
+    Keys:
+        on_error: ``"raise"`` (default: the failure stops the run and reaches the caller),
+            ``"skip"`` (the item is dropped, the run goes on), or a callable ``(exc, item) ->
+            value`` whose result stands for the call's (raising inside it stops the run). Handled
+            failures are listed in ``run.errors`` and counted in the stage's ``errors``.
+        retries: how many times a failing item is tried again before ``on_error`` applies.
+        retry_delay: the first retry's delay in seconds (default 0.1); each next one doubles,
+            with jitter (0.5x to 1.5x).
+        retry_on: the exception type or types that are retried (default ``Exception``).
+        rate: the most calls per second, across all the stage's workers.
+        resource: a callable that makes a resource (a session, a connection) once per worker; the
+            function is then called as ``fn(item, resource)``. A context manager is entered and
+            exited; any other object with ``close()`` is closed when its worker exits, also on
+            failure and cancel. Thread stages only.
+    """
+
+    on_error: str | Callable[[BaseException, Any], Any]
+    retries: int
+    retry_delay: float
+    retry_on: type[BaseException] | tuple[type[BaseException], ...]
+    rate: float | None
+    resource: Callable[[], Any] | None
+
+
+_CALL_KEYS: Final = frozenset(CallKwargs.__annotations__)
+
+
+def _call_options(kind: str, call: CallKwargs | None, coroutine: bool, executor: bool) -> CallOptions:
+    """Check a stage's call keywords; refuse those its kind of stage cannot honour."""
+    call = call or {}
+    unknown = set(call) - _CALL_KEYS
+    if unknown:
+        raise TypeError(f"{kind}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    options = check_options(**call)
+    if options.plain:
+        return options
+    if executor:
+        raise TypeError(
+            f"{', '.join(sorted(call))}: not available with executor= (the calls run elsewhere); "
+            "retry or rate-limit inside the function"
+        )
+    if coroutine and options.resource is not None:
+        raise TypeError(
+            "resource= is for thread stages, whose workers each own one; a coroutine stage "
+            "shares one object between its coroutines: create it once and close over it"
+        )
+    return options
+
+
+def _no_call(item: Any) -> Any:
+    """The function slot of operators that call none (``take``, ``batch``)."""
+    raise AssertionError("never called")
+
+
+def _skip(n: int, items: Iterator[Any]) -> Iterator[Any]:
+    return islice(items, n, None)
+
+
+def _unique(name: str, stages: tuple[StageSpec, ...]) -> str:
+    taken = {spec.name for spec in stages} | {SOURCE_NAME}
+    unique = name
+    suffix = 2
+    while unique in taken:
+        unique = f"{name}{suffix}"
+        suffix += 1
+    return unique
 
 
 def _default_name(kind: str, fn: Callable[..., Any]) -> str:
@@ -72,19 +160,21 @@ class Pipeline(Generic[T]):
     :meth:`to_list`.
     """
 
-    __slots__ = ("_source", "_stages", "_next_capacity")
+    __slots__ = ("_next_capacity", "_next_relief", "_source", "_stages")
 
     def __init__(
         self,
-        source: Source | AsyncSource,
+        source: Source | AsyncSource | QueueSource | MergeSource,
         stages: tuple[StageSpec, ...] = (),
         next_capacity: int | None = None,
+        next_relief: bool = False,
     ) -> None:
         self._source = source
         self._stages = stages
-        # Capacity set by backpressure() for the buffer after the last stage: it becomes the input
-        # buffer of the next stage added, or the output buffer if none is.
+        # Set by backpressure() or relief_valve() for the buffer after the last stage: it becomes
+        # the input buffer of the next stage added, or the output buffer if none is.
         self._next_capacity = next_capacity
+        self._next_relief = next_relief
 
     # ------------------------------------------------------------------ building
 
@@ -105,6 +195,45 @@ class Pipeline(Generic[T]):
             TypeError: ``iterable`` is not iterable.
         """
         return cls(Source(iterable))
+
+    @classmethod
+    def from_queue(cls, q: Any, *, sentinel: object) -> Pipeline[Any]:
+        """Build a pipeline fed by a ``queue.Queue`` that another thread fills.
+
+        Each run reads the queue until ``sentinel`` arrives (compared with ``is``, so ``None``
+        can be data or the sentinel, as you choose); the next run goes on from there. Cancelling
+        a run ends it promptly even while the queue is empty.
+
+        Args:
+            q: the queue (anything with ``get(timeout=...)`` raising ``queue.Empty``).
+            sentinel: the object that ends the input.
+
+        Returns:
+            A pipeline with no stages yet.
+
+        Raises:
+            TypeError: ``q`` is not a queue.
+        """
+        return cls(QueueSource(q, sentinel))
+
+    @classmethod
+    def merge(cls, *pipelines: Pipeline[T]) -> Pipeline[T]:
+        """Build a pipeline whose source is the outputs of several pipelines, as they come.
+
+        Each merged pipeline runs as a run of its own; their outputs are interleaved in the order
+        they arrive. The merged source ends when all of them have ended. A failure in any of them
+        fails the merged run with that very exception; cancelling the merged run cancels all.
+
+        Args:
+            pipelines: the pipelines to merge, at least one.
+
+        Returns:
+            A pipeline with no stages yet.
+
+        Raises:
+            TypeError: no pipeline given, or an argument is not a Pipeline.
+        """
+        return cls(MergeSource(pipelines))
 
     @classmethod
     def from_async_iter(cls, aiterable: AsyncIterable[T]) -> Pipeline[T]:
@@ -139,12 +268,14 @@ class Pipeline(Generic[T]):
         name: str | None,
         executor: Executor | str | None = None,
         timeout: float | None = None,
+        call: CallKwargs | None = None,
     ) -> Pipeline[Any]:
         _check_callable("fn", fn)
         _check_count("workers", workers)
         check_executor(executor)
         coroutine = coroutine_kind(kind, fn)
         timeout = check_timeout(timeout, coroutine is not None)
+        options = _call_options(kind, call, coroutine is not None, executor is not None)
         if coroutine is not None and executor is not None:
             raise TypeError(
                 f"executor={describe(executor)} takes a plain function; {describe(fn)} is a "
@@ -154,12 +285,7 @@ class Pipeline(Generic[T]):
             raise TypeError(f"ordered must be a bool, got {describe(ordered)}")
         taken = {spec.name for spec in self._stages} | {SOURCE_NAME}
         if name is None:
-            base = _default_name(kind, fn)
-            name = base
-            suffix = 2
-            while name in taken:
-                name = f"{base}{suffix}"
-                suffix += 1
+            name = _unique(_default_name(kind, fn), self._stages)
         elif not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str or None, got {describe(name)}")
         elif name in taken:
@@ -167,8 +293,17 @@ class Pipeline(Generic[T]):
         capacity = DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
         spec = StageSpec(
             kind, fn, workers, ordered, name, capacity, executor, coroutine=coroutine,
-            timeout=timeout,
+            timeout=timeout, options=options, relief=self._next_relief,
         )
+        return Pipeline(self._source, (*self._stages, spec))
+
+    def _operator(
+        self, kind: str, name: str, fn: Callable[..., Any], arg: Any = None
+    ) -> Pipeline[Any]:
+        """Add a one-thread stream operator (``pipe``, ``take``, ``batch``)."""
+        unique = _unique(name, self._stages)
+        capacity = DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
+        spec = StageSpec(kind, fn, 1, True, unique, capacity, arg=arg, relief=self._next_relief)
         return Pipeline(self._source, (*self._stages, spec))
 
     @overload
@@ -181,6 +316,7 @@ class Pipeline(Generic[T]):
         name: str | None = ...,
         executor: None = ...,
         timeout: float | None = ...,
+        **call: Unpack[CallKwargs],
     ) -> Pipeline[U]: ...
 
     @overload
@@ -193,6 +329,7 @@ class Pipeline(Generic[T]):
         name: str | None = ...,
         executor: Executor | Literal["processes"] | None = ...,
         timeout: None = ...,
+        **call: Unpack[CallKwargs],
     ) -> Pipeline[U]: ...
 
     def map(
@@ -204,6 +341,7 @@ class Pipeline(Generic[T]):
         name: str | None = None,
         executor: Executor | Literal["processes"] | None = None,
         timeout: float | None = None,
+        **call: Unpack[CallKwargs],
     ) -> Pipeline[Any]:
         """Add a stage that outputs ``fn(item)`` for each item.
 
@@ -236,7 +374,7 @@ class Pipeline(Generic[T]):
                 function (only ``flat_map`` takes one).
             ValueError: ``workers`` < 1, ``name`` is taken, or ``timeout`` is not > 0.
         """
-        return self._add(MAP, fn, workers, ordered, name, executor, timeout)
+        return self._add(MAP, fn, workers, ordered, name, executor, timeout, call)
 
     def filter(
         self,
@@ -247,6 +385,7 @@ class Pipeline(Generic[T]):
         name: str | None = None,
         executor: Executor | Literal["processes"] | None = None,
         timeout: float | None = None,
+        **call: Unpack[CallKwargs],
     ) -> Pipeline[T]:
         """Add a stage that keeps the items for which ``pred(item)`` is true.
 
@@ -254,7 +393,7 @@ class Pipeline(Generic[T]):
 
         Args and raises are those of :meth:`map`.
         """
-        return self._add(FILTER, pred, workers, ordered, name, executor, timeout)
+        return self._add(FILTER, pred, workers, ordered, name, executor, timeout, call)
 
     @overload
     def flat_map(
@@ -266,6 +405,7 @@ class Pipeline(Generic[T]):
         name: str | None = ...,
         executor: None = ...,
         timeout: float | None = ...,
+        **call: Unpack[CallKwargs],
     ) -> Pipeline[U]: ...
 
     @overload
@@ -278,6 +418,7 @@ class Pipeline(Generic[T]):
         name: str | None = ...,
         executor: Executor | Literal["processes"] | None = ...,
         timeout: None = ...,
+        **call: Unpack[CallKwargs],
     ) -> Pipeline[U]: ...
 
     def flat_map(
@@ -289,6 +430,7 @@ class Pipeline(Generic[T]):
         name: str | None = None,
         executor: Executor | Literal["processes"] | None = None,
         timeout: float | None = None,
+        **call: Unpack[CallKwargs],
     ) -> Pipeline[Any]:
         """Add a stage that outputs every element of the iterable ``fn(item)`` returns.
 
@@ -301,7 +443,7 @@ class Pipeline(Generic[T]):
 
         Args and raises are those of :meth:`map`.
         """
-        return self._add(FLAT_MAP, fn, workers, ordered, name, executor, timeout)
+        return self._add(FLAT_MAP, fn, workers, ordered, name, executor, timeout, call)
 
     def each(
         self,
@@ -312,6 +454,7 @@ class Pipeline(Generic[T]):
         name: str | None = None,
         executor: Executor | Literal["processes"] | None = None,
         timeout: float | None = None,
+        **call: Unpack[CallKwargs],
     ) -> Pipeline[T]:
         """Add a stage that calls ``fn(item)`` for its side effect and passes the item on.
 
@@ -319,7 +462,7 @@ class Pipeline(Generic[T]):
 
         Args and raises are those of :meth:`map`.
         """
-        return self._add(EACH, fn, workers, ordered, name, executor, timeout)
+        return self._add(EACH, fn, workers, ordered, name, executor, timeout, call)
 
     def backpressure(self, n: int) -> Pipeline[T]:
         """Size the buffer after the last stage (or after the source): it holds at most ``n`` items.
@@ -339,6 +482,132 @@ class Pipeline(Generic[T]):
         """
         _check_count("n", n)
         return Pipeline(self._source, self._stages, n)
+
+    def relief_valve(self, n: int) -> Pipeline[T]:
+        """Make the buffer after the last stage (or the source) a relief valve of ``n`` items.
+
+        A relief valve never makes the stage before it wait: when it is full, a new item pushes
+        the oldest one out. Use it where the newest items matter more than every item (live
+        readings, status updates). The stage after it counts what was dropped in its statistics
+        (``StageStats.dropped``). At the end of input, whatever the valve holds is delivered.
+
+        Args:
+            n: the most items the valve holds, >= 1.
+
+        Returns:
+            A new pipeline with the valve in place.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            ValueError: ``n`` < 1.
+        """
+        _check_count("n", n)
+        return Pipeline(self._source, self._stages, n, next_relief=True)
+
+    def pipe(
+        self, fn: Callable[[Iterator[T]], Iterable[U]], *, name: str | None = None
+    ) -> Pipeline[U]:
+        """Add a stage that runs ``fn(inputs)``, a generator function over the whole stream.
+
+        The counterpart of a custom pump: ``fn`` receives an iterator over the stage's inputs, in
+        order, and yields outputs; it runs in one thread of its own and may keep any state (a
+        running total, a window, deduplication). The same guarantees hold as for other stages:
+        its outputs are handed on as it yields them, its exception reaches the caller as itself,
+        and on cancel it is closed (its ``finally`` blocks run). If it returns before its inputs
+        end, the stage ends there and everything upstream of it stops, as with :meth:`take`.
+
+        Args:
+            fn: a function of an iterator returning an iterable (typically a generator function).
+            name: the stage's label (default: ``fn``'s name).
+
+        Returns:
+            A new pipeline ending in this stage.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+        """
+        _check_callable("fn", fn)
+        return self._operator(PIPE, name or _default_name(PIPE, fn), fn)
+
+    def batch(self, n: int, timeout: float | None = None) -> Pipeline[list[T]]:
+        """Add a stage that groups items into lists of ``n``, in order.
+
+        The last batch may be shorter: it is emitted when the input ends. With ``timeout``, a
+        partial batch is also emitted once ``timeout`` seconds have passed since its first item
+        arrived, so that a slow trickle of items still moves on.
+
+        Args:
+            n: the batch size, >= 1.
+            timeout: the most seconds an item waits for its batch to fill, > 0; None to wait
+                for a full batch (or the end of input).
+
+        Returns:
+            A new pipeline of lists.
+
+        Raises:
+            TypeError: ``n`` is not an int or ``timeout`` not a number.
+            ValueError: ``n`` < 1 or ``timeout`` <= 0.
+        """
+        _check_count("n", n)
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise TypeError(f"timeout must be a number of seconds > 0 or None, got {describe(timeout)}")
+            if not timeout > 0:
+                raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout}")
+        return self._operator(BATCH, BATCH, _no_call, (n, None if timeout is None else float(timeout)))
+
+    def flatten(self: Pipeline[Iterable[U]]) -> Pipeline[U]:
+        """Add a stage that passes on the elements of each (iterable) item: the inverse of batch.
+
+        Returns:
+            A new pipeline of the elements.
+        """
+        return self._add(FLAT_MAP, iter, 1, True, _unique("flatten", self._stages))
+
+    def enumerate(self) -> Pipeline[tuple[int, T]]:
+        """Add a stage that outputs ``(index, item)`` pairs, numbering items in arrival order.
+
+        Returns:
+            A new pipeline of pairs.
+        """
+        return self._operator(PIPE, "enumerate", enumerate)
+
+    def skip(self, n: int) -> Pipeline[T]:
+        """Add a stage that drops the first ``n`` items and passes on the rest.
+
+        Args:
+            n: how many items to drop, >= 0.
+
+        Returns:
+            A new pipeline.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            ValueError: ``n`` < 0.
+        """
+        _check_count("n", n + 1 if isinstance(n, int) and not isinstance(n, bool) else n)
+        return self._operator(PIPE, "skip", partial(_skip, n))
+
+    def take(self, n: int) -> Pipeline[T]:
+        """Add a stage that passes on the first ``n`` items, then ends the run.
+
+        Once ``n`` items are through, the stages after it finish those items and end normally,
+        while everything before it stops at once: no new calls, the source is no longer pulled
+        (a generator source is closed), so ``take`` on an infinite source is fine. Failures of the
+        stopped stages after that moment are ignored: their items are not needed.
+
+        Args:
+            n: how many items to pass on, >= 0.
+
+        Returns:
+            A new pipeline.
+
+        Raises:
+            TypeError: ``n`` is not an int.
+            ValueError: ``n`` < 0.
+        """
+        _check_count("n", n + 1 if isinstance(n, int) and not isinstance(n, bool) else n)
+        return self._operator(TAKE, TAKE, _no_call, n)
 
     # ------------------------------------------------------------------ facts
 
@@ -371,7 +640,7 @@ class Pipeline(Generic[T]):
         bound = capacities[0] if self._source.in_memory else 1
         for spec, next_capacity in zip(self._stages, capacities[1:]):
             bound += spec.capacity + held_bound(spec)
-            if spec.kind == FLAT_MAP:
+            if spec.kind in (FLAT_MAP, PIPE):  # outputs held while streaming them on
                 bound += spec.workers * next_capacity
         return bound + 2 * self.output_capacity
 
@@ -421,8 +690,10 @@ class Pipeline(Generic[T]):
             if bar_options is not None:
                 bars = Bars(self._stages, bar_options, source_length(self._source.iterable))
             watcher = Monitor(bars)
+        # A source with threads of its own (a queue, merged pipelines) launches them itself.
+        launch = getattr(self._source, "launch", None)
         try:
-            iterator = self._source.open()
+            iterator = None if launch is not None else self._source.open()  # type: ignore[union-attr]
         except BaseException:
             if watcher is not None:
                 watcher.close()
@@ -432,9 +703,15 @@ class Pipeline(Generic[T]):
             state.trace = Tracer(self.stage_names, trace_cap, state.clock.started)
         capacities = [spec.capacity for spec in self._stages] + [self.output_capacity]
         names = [SOURCE_NAME, *self.stage_names]
-        channels = [Channel(cap, name) for cap, name in zip(capacities, names)]
+        reliefs = [spec.relief for spec in self._stages] + [self._next_relief]
+        channels = [
+            (ReliefChannel if relief else Channel)(cap, name)
+            for cap, name, relief in zip(capacities, names, reliefs)
+        ]
+        state.channels = channels
         aio: LoopThread | None = None
-        if not isinstance(self._source, Source) or any(spec.coroutine for spec in self._stages):
+        async_source = not isinstance(self._source, Source | QueueSource | MergeSource)
+        if async_source or any(spec.coroutine for spec in self._stages):
             from ._aio import LoopThread  # here, not at the top: only such runs import asyncio
 
             aio = LoopThread(state)
@@ -444,8 +721,10 @@ class Pipeline(Generic[T]):
             else _runtime(spec)(spec, channels[i], channels[i + 1], state)
             for i, spec in enumerate(self._stages)
         )
-        feeder: Callable[[], None]
-        if aio is not None and not isinstance(self._source, Source):
+        feeder: Callable[[], None] | None = None  # stays None for a source that launches itself
+        if launch is not None:
+            pass
+        elif aio is not None and async_source:
             feeder = aio.feeder(cast("AsyncIterator[Any]", iterator), channels[0])
         else:
             plain = cast("Iterator[Any]", iterator)
@@ -458,16 +737,20 @@ class Pipeline(Generic[T]):
         try:
             if aio is not None:
                 aio.start()
-            state.thread_started()
-            try:
-                threading.Thread(
-                    target=feeder,
-                    name=f"threadpipe-{SOURCE_NAME}-0",
-                    daemon=True,
-                ).start()
-            except BaseException:
-                state.thread_exited()
-                raise
+            if feeder is None:
+                assert launch is not None
+                launch(channels[0], state)
+            else:
+                state.thread_started()
+                try:
+                    threading.Thread(
+                        target=feeder,
+                        name=f"threadpipe-{SOURCE_NAME}-0",
+                        daemon=True,
+                    ).start()
+                except BaseException:
+                    state.thread_exited()
+                    raise
             for stage in stages:
                 stage.start()
             if watcher is not None:

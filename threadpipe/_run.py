@@ -16,6 +16,7 @@ from time import monotonic
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from ._calls import ItemError
 from ._channel import Channel, Closed
 from ._errors import RunStateError, label
 from ._stats import Clock, StageStats, render_report, snapshot
@@ -26,9 +27,12 @@ if TYPE_CHECKING:
     from ._monitor import Monitor
     from ._trace import Tracer
 
-__all__ = ["Run", "RunState"]
+__all__ = ["MAX_ITEM_ERRORS", "Run", "RunState"]
 
 T = TypeVar("T")
+
+MAX_ITEM_ERRORS = 10_000
+"""How many handled failures ``Run.errors`` keeps; later ones are counted, not kept."""
 
 # The caller's thread waits in slices this long, so that Ctrl-C is handled promptly on every platform.
 _SLICE = 0.1
@@ -57,6 +61,16 @@ class RunState:
         # recorder when the run is traced (workers read it once, when they start).
         self.clock = Clock()
         self.trace: Tracer | None = None
+        # Set with ``stop``: threads that wait on a clock (a retry's backoff, a rate limit) wait
+        # on this, so a stop wakes them too.
+        self.stopped = threading.Event()
+        # Failures an error policy handled (the run went on without the item), in order; capped.
+        self.errors: list[ItemError] = []
+        self.errors_dropped = 0
+        # The channels in pipeline order (the source's output first), and the producers of those
+        # a take() has cut off: their late failures concern items nobody will read.
+        self.channels: list[Channel] = []
+        self.halted: set[str] = set()
         self._lock = threading.Lock()
         self._live = 0
 
@@ -90,9 +104,33 @@ class RunState:
         """
         label(exc, stage, item, has_item=has_item)
         with self._lock:
+            if stage in self.halted:
+                return
             if self.error is None:
                 self.error = exc
         self._stop()
+
+    def record_error(self, error: ItemError) -> None:
+        """Keep a failure that an error policy handled, up to ``MAX_ITEM_ERRORS`` of them."""
+        with self._lock:
+            if len(self.errors) < MAX_ITEM_ERRORS:
+                self.errors.append(error)
+            else:
+                self.errors_dropped += 1
+
+    def halt_upstream(self, channel: Channel) -> None:
+        """Stop everything that feeds ``channel``: the source and the stages before it.
+
+        Their channels up to ``channel`` are closed, which wakes them and makes them exit; the
+        stages after it go on and end normally. Used by ``take()`` once it has all it needs.
+        """
+        index = self.channels.index(channel)
+        upstream = self.channels[: index + 1]
+        with self._lock:
+            # Channel i is written by the source (i = 0) or by stage i - 1: name them all halted.
+            self.halted.update(ch.name for ch in upstream)
+        for ch in upstream:
+            ch.close()
 
     def cancel(self) -> None:
         """Stop the run at the caller's request: no new calls start, every blocked thread wakes.
@@ -110,6 +148,7 @@ class RunState:
     def _stop(self) -> None:
         with self._lock:
             self.stop[0] = True
+        self.stopped.set()
         # Every time, not only the first: closing is idempotent, and a stop interrupted half way
         # (a second Ctrl-C while closing) is then finished by the next cancel.
         for closable in self.closables:
@@ -120,6 +159,7 @@ class RunState:
         with self._lock:
             if self.error is None:
                 self.cancelled = True
+        self.stopped.set()
         for closable in self.closables:
             closable.close()
 
@@ -292,6 +332,16 @@ class Run(Generic[T]):
     def cancelled(self) -> bool:
         """Whether the run was cancelled (by ``cancel()``, an early exit or a dropped iterator)."""
         return self._state.cancelled
+
+    @property
+    def errors(self) -> list[ItemError]:
+        """The failures an ``on_error`` policy handled so far, in order (a copy).
+
+        Each has ``.stage``, ``.item`` and ``.exception`` (the exception itself, with its note).
+        At most ``MAX_ITEM_ERRORS`` (10,000) are kept; the stage's ``errors`` count has them all.
+        """
+        with self._state._lock:
+            return list(self._state.errors)
 
     @property
     def exception(self) -> BaseException | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,9 @@ from ._errors import SourceConsumedError, describe
 if TYPE_CHECKING:
     from ._run import RunState
 
-__all__ = ["Source", "SOURCE_NAME"]
+__all__ = ["SOURCE_NAME", "QueueSource", "Source"]
+
+_QUEUE_SLICE = 0.1
 
 SOURCE_NAME = "source"
 
@@ -95,12 +98,14 @@ def feed(iterator: Iterator[Any], out: Channel, run: RunState, in_memory: bool =
             cannot keep an item waiting on the source.
     """
     stop = run.stop
+    exhausted = False
     try:
         if in_memory:
             size = out.maxsize
             while not stop[0]:
                 chunk = list(islice(iterator, size))
                 if not chunk:
+                    exhausted = True
                     out.put_end()
                     return
                 out.put_many(chunk)
@@ -113,18 +118,76 @@ def feed(iterator: Iterator[Any], out: Channel, run: RunState, in_memory: bool =
                 out.put_many([item])
             del item
         else:
+            exhausted = True
             out.put_end()
             return
     except Closed:
-        pass
+        pass  # cancelled, or cut off by a take() downstream
     except BaseException as exc:
+        exhausted = True  # a generator that raised is finished already
         run.fail(exc, SOURCE_NAME, None, has_item=False)
     finally:
         try:
             close = getattr(iterator, "close", None)
-            if close is not None and stop[0]:
+            if close is not None and not exhausted:
                 close()
         except BaseException as exc:
             run.fail(exc, SOURCE_NAME, None, has_item=False)
         finally:
             run.thread_exited()
+
+
+class QueueSource:
+    """A pipeline's source that reads a ``queue.Queue`` until a sentinel arrives.
+
+    For a producer thread feeding a pipeline: every run reads the queue until the next sentinel,
+    so the same pipeline can be run again for the next batch of work. The feeder waits on the
+    queue in short slices, so a cancel ends it promptly even while the queue is empty.
+
+    Args:
+        q: the queue to read.
+        sentinel: the object that ends the input (compared with ``is``; ``None`` is allowed).
+
+    Raises:
+        TypeError: ``q`` is not a ``queue.Queue`` (or has no ``get(timeout=...)``).
+    """
+
+    in_memory = False
+    one_shot = False
+    iterable = None
+    length_hint = None
+
+    def __init__(self, q: Any, sentinel: object) -> None:
+        if not callable(getattr(q, "get", None)):
+            raise TypeError(
+                f"from_queue(q) needs a queue.Queue, got {describe(q)} of type {type(q).__qualname__}"
+            )
+        self.q = q
+        self.sentinel = sentinel
+
+    def launch(self, out: Channel, state: RunState) -> None:
+        """Start the feeder thread; called by ``Pipeline.start``."""
+        state.thread_started()
+        try:
+            threading.Thread(
+                target=feed,
+                args=(self._items(state), out, state),
+                name=f"threadpipe-{SOURCE_NAME}-0",
+                daemon=True,
+            ).start()
+        except BaseException:
+            state.thread_exited()
+            raise
+
+    def _items(self, state: RunState) -> Iterator[Any]:
+        q, sentinel, stop = self.q, self.sentinel, state.stop
+        while not stop[0]:
+            try:
+                # A slice, not a blocking get: a cancel must end this thread even when nothing
+                # ever arrives (ten wake-ups a second cost nothing measurable).
+                item = q.get(timeout=_QUEUE_SLICE)
+            except queue.Empty:
+                continue
+            if item is sentinel:
+                return
+            yield item

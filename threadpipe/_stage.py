@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from time import perf_counter, thread_time
 from typing import TYPE_CHECKING, Any, Final
 
+from ._calls import PLAIN, SKIPPED, CallOptions, RateLimiter, open_resource, wrap
 from ._channel import Channel, Closed
+from ._operators import BATCH
 from ._reorder import Reorder
 
 if TYPE_CHECKING:
@@ -48,6 +50,14 @@ _EWMA: Final = 0.3
 
 _NO_ITEM: Final = object()
 
+# What an item that ``on_error="skip"`` drops becomes, for each kind: dropped from the outputs.
+_FALLBACK: Final[dict[str, Callable[[Any], Any]]] = {
+    MAP: lambda item: SKIPPED,
+    EACH: lambda item: SKIPPED,
+    FILTER: lambda item: False,
+    FLAT_MAP: lambda item: (),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class StageSpec:
@@ -66,6 +76,9 @@ class StageSpec:
             when ``fn`` is async and the calls run on the run's event loop (see ``_aio.py``);
             ``workers`` is then the most coroutines in flight.
         timeout: seconds allowed per call of a coroutine stage, or None.
+        options: how each call is made: retries, rate limit, error policy, resource.
+        arg: an operator's argument (``take``'s count, ``batch``'s size and timeout).
+        relief: the input buffer is a relief valve: it drops its oldest item rather than wait.
     """
 
     kind: str
@@ -77,6 +90,9 @@ class StageSpec:
     executor: Executor | str | None = None
     coroutine: str | None = None
     timeout: float | None = None
+    options: CallOptions = PLAIN
+    arg: Any = None
+    relief: bool = False
 
     @property
     def reorders(self) -> bool:
@@ -99,6 +115,8 @@ def held_bound(spec: StageSpec) -> int:
     A stage on an executor holds at most ``workers`` items (one more for ``"processes"``): one
     permit per item, returned only when its output is in the next buffer (see ``_executor.py``).
     """
+    if spec.kind == BATCH:
+        return max(spec.capacity, spec.arg[0])  # a buffer's worth being taken, or one batch
     if spec.executor is not None:
         return spec.workers + 1 if spec.executor == "processes" else spec.workers
     if spec.coroutine:
@@ -144,6 +162,9 @@ class Stage:
         self.out = out
         self.run = run
         self.reorder = Reorder(inp, out, held_bound(spec)) if spec.reorders else None
+        rate = spec.options.rate
+        # One limiter for the stage, shared by its workers: the rate holds however many there are.
+        self.limiter = RateLimiter(rate, run.stopped) if rate is not None else None
         self.counters: list[_Counters] = []
         # ``_lock`` guards the worker accounting below. ``alive`` and ``spawned`` change together
         # under it, so the last worker to exit is known exactly and sends the sentinel once.
@@ -220,12 +241,38 @@ class Stage:
         kind = spec.kind
         inp = self.inp
         get_many = inp.get_many
+        options = spec.options
+        skipping = options.on_error == "skip"
+        release: Callable[[], None] | None = None
         trace = self.run.trace
+        if not options.plain:
+            # Built once per worker, with its own resource: the plain path stays ``fn(item)``.
+            resource = None
+            if options.resource is not None:
+                try:
+                    resource, release = open_resource(options)
+                except BaseException as exc:
+                    exc.add_note(f"threadpipe: raised while making the resource of stage {spec.name!r}")
+                    counters.errors += 1
+                    self.run.fail(exc, spec.name, None, has_item=False)
+                    self._exit(False)
+                    return
+            fn = wrap(
+                (lambda item, *res: list(spec.fn(item, *res))) if kind is FLAT_MAP else fn,
+                options,
+                stage=spec.name,
+                run=self.run,
+                limiter=self.limiter,
+                resource=resource,
+                counters=counters,
+                fallback=_FALLBACK[kind],
+            )
         if trace is not None:
             # Chosen once per worker: untraced, the loop below runs the user's function as is.
             fn, get_many = trace.hook(spec.name, index, fn, get_many, kind is FLAT_MAP)
         out = self.out
         reorder = self.reorder
+        early = reorder is None
         stop = self.run.stop
         limit = spec.capacity
         estimate = self.call_seconds
@@ -244,25 +291,38 @@ class Stage:
                 started = perf_counter()
                 # One loop per kind, so the per-item path has no branch on the kind. Each checks
                 # the stop flag before every call: after a cancel the function is never called again.
+                # ``early`` (unordered stages only): before each call, if the next stage sits idle
+                # waiting, hand over what this batch has made so far rather than hold it while
+                # the rest of the batch runs (a later call may take long, or even wait on those
+                # very outputs reaching the caller).
                 if kind is MAP:
                     outputs = []
                     for item in items:
                         if stop[0]:
                             raise Closed
+                        if outputs and early and out.idle_getters:
+                            outputs = self._hand_over(outputs, skipping, counters)
                         outputs.append(fn(item))
+                    if skipping:
+                        outputs = [output for output in outputs if output is not SKIPPED]
                 elif kind is FILTER:
                     outputs = []
                     for item in items:
                         if stop[0]:
                             raise Closed
+                        if outputs and early and out.idle_getters:
+                            outputs = self._hand_over(outputs, False, counters)
                         if fn(item):
                             outputs.append(item)
                 elif kind is EACH:
+                    outputs = []
                     for item in items:
                         if stop[0]:
                             raise Closed
-                        fn(item)
-                    outputs = items
+                        if outputs and early and out.idle_getters:
+                            outputs = self._hand_over(outputs, False, counters)
+                        if fn(item) is not SKIPPED:
+                            outputs.append(item)
                 else:
                     outputs = self._flat_map(fn, items, number, counters)
                 elapsed = perf_counter() - started
@@ -289,7 +349,22 @@ class Stage:
         finally:
             # Once per thread, not per batch: tells CPU-bound stages from waiting ones after a run.
             counters.cpu_seconds = thread_time()
-            self._exit(saw_end)
+            try:
+                if release is not None:
+                    release()  # the worker's resource, also on failure and cancel
+            except BaseException as exc:
+                exc.add_note(f"threadpipe: raised while closing the resource of stage {spec.name!r}")
+                self.run.fail(exc, spec.name, None, has_item=False)
+            finally:
+                self._exit(saw_end)
+
+    def _hand_over(self, outputs: list[Any], skipping: bool, counters: _Counters) -> list[Any]:
+        """Put the outputs made so far downstream; return a fresh list for the rest of the batch."""
+        if skipping:
+            outputs = [output for output in outputs if output is not SKIPPED]
+        counters.items_out += len(outputs)
+        self.out.put_many(outputs)
+        return []
 
     def _flat_map(
         self, fn: Callable[[Any], Any], items: list[Any], number: int, counters: _Counters

@@ -97,6 +97,7 @@ class StageStats:
             means every allowed thread was calling the function all the time.
         queue_size: items in the stage's input buffer now.
         queue_capacity: the input buffer's capacity.
+        dropped: items the input buffer let go because it is a relief valve (0 otherwise).
     """
 
     name: str
@@ -112,6 +113,7 @@ class StageStats:
     utilization: float
     queue_size: int
     queue_capacity: int
+    dropped: int = 0
 
     @property
     def seconds_per_item(self) -> float | None:
@@ -252,6 +254,7 @@ def snapshot(stages: Sequence[Any], clock: Clock) -> tuple[StageStats, ...]:
                 utilization=utilization,
                 queue_size=fill(inp),
                 queue_capacity=inp.maxsize,
+                dropped=getattr(inp, "dropped", 0),
             )
         )
     return tuple(result)

@@ -1,0 +1,284 @@
+"""How a stage makes one call: retries with backoff, a rate limit, an error policy, a resource.
+
+A stage without any of these calls the user's function directly: :func:`wrap` returns it unchanged,
+so the plain path costs nothing. With them, each worker builds its call once, when it starts, as a
+closure over its own resource and the stage's shared rate limiter.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Final
+
+from ._channel import Closed
+from ._errors import describe, label
+
+if TYPE_CHECKING:
+    from ._run import RunState
+
+__all__ = [
+    "SKIPPED",
+    "CallOptions",
+    "ItemError",
+    "RateLimiter",
+    "backoff",
+    "handle",
+    "check_options",
+    "open_resource",
+    "wrap",
+]
+
+
+class _Skipped:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<threadpipe SKIPPED>"
+
+
+SKIPPED: Final = _Skipped()
+"""What a wrapped call returns for an item dropped by ``on_error="skip"``; never reaches a user."""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    """A failure that an error policy handled: the run went on without the item.
+
+    Attributes:
+        stage: the stage's name.
+        item: the item whose call failed.
+        exception: the exception the last attempt raised, as itself.
+    """
+
+    stage: str
+    item: Any
+    exception: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """How a stage calls its function, as built.
+
+    Attributes:
+        on_error: ``"raise"``, ``"skip"``, or a callable ``(exc, item) -> replacement``.
+        retries: how many times a failing item is tried again before ``on_error`` applies.
+        retry_delay: the first retry's delay in seconds; each next one doubles, with jitter.
+        retry_on: the exception types that are retried.
+        rate: the most calls per second, across all the stage's workers; None for no limit.
+        resource: a callable making one resource per worker, passed to ``fn(item, resource)``.
+    """
+
+    on_error: str | Callable[[BaseException, Any], Any] = "raise"
+    retries: int = 0
+    retry_delay: float = 0.1
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    rate: float | None = None
+    resource: Callable[[], Any] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Whether the function is called as it is, with nothing around it."""
+        return (
+            self.on_error == "raise"
+            and not self.retries
+            and self.rate is None
+            and self.resource is None
+        )
+
+
+PLAIN: Final = CallOptions()
+
+
+def check_options(
+    on_error: object = "raise",
+    retries: object = 0,
+    retry_delay: object = 0.1,
+    retry_on: object = Exception,
+    rate: object = None,
+    resource: object = None,
+) -> CallOptions:
+    """Check the call keyword arguments of a stage and bundle them.
+
+    Raises:
+        TypeError: an argument has the wrong type.
+        ValueError: an argument is out of range.
+    """
+    if not (on_error in ("raise", "skip") or callable(on_error)):
+        raise ValueError(
+            f'on_error must be "raise", "skip" or a callable (exc, item) -> value, got {describe(on_error)}'
+        )
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int >= 0, got {describe(retries)}")
+    if retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries}")
+    if isinstance(retry_delay, bool) or not isinstance(retry_delay, int | float):
+        raise TypeError(f"retry_delay must be a number of seconds >= 0, got {describe(retry_delay)}")
+    if not retry_delay >= 0:
+        raise ValueError(f"retry_delay must be a number of seconds >= 0, got {retry_delay}")
+    types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+    if not types or not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise TypeError(
+            f"retry_on must be an exception type or a tuple of them, got {describe(retry_on)}"
+        )
+    if rate is not None:
+        if isinstance(rate, bool) or not isinstance(rate, int | float):
+            raise TypeError(f"rate must be a number of calls per second > 0, got {describe(rate)}")
+        if not rate > 0:
+            raise ValueError(f"rate must be a number of calls per second > 0, got {rate}")
+    if resource is not None and not callable(resource):
+        raise TypeError(f"resource must be a callable that makes the resource, got {describe(resource)}")
+    return CallOptions(
+        on_error,  # type: ignore[arg-type]
+        retries,
+        float(retry_delay),
+        types,  # type: ignore[arg-type]
+        None if rate is None else float(rate),
+        resource,  # type: ignore[arg-type]
+    )
+
+
+class RateLimiter:
+    """Spaces the calls of all a stage's workers at least ``1 / rate`` seconds apart.
+
+    Each call reserves the next free slot under a lock and then waits for it outside the lock, so
+    the limit holds however many workers there are, and waiting workers do not hold each other up.
+
+    Args:
+        rate: calls per second, > 0.
+        stopped: set when the run stops; a waiting call then raises ``Closed``, which ends the
+            worker quietly.
+    """
+
+    def __init__(self, rate: float, stopped: threading.Event) -> None:
+        self._interval = 1.0 / rate
+        self._stopped = stopped
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def reserve(self) -> float:
+        """Reserve the next free slot; return how many seconds to wait for it (may be <= 0)."""
+        with self._lock:
+            now = monotonic()
+            slot = self._next if self._next > now else now
+            self._next = slot + self._interval
+        return slot - monotonic()
+
+    def wait(self) -> None:
+        """Return when this call may start (a worker thread's wait).
+
+        Raises:
+            Closed: the run stopped while waiting.
+        """
+        delay = self.reserve()
+        if delay > 0 and self._stopped.wait(delay):
+            raise Closed
+        if self._stopped.is_set():
+            raise Closed
+
+
+def open_resource(options: CallOptions) -> tuple[Any, Callable[[], None]]:
+    """Make one worker's resource; return it and the function that releases it.
+
+    A context manager is entered (the worker gets what ``__enter__`` returns) and exited when the
+    worker exits; any other object with a ``close()`` method is closed then.
+    """
+    assert options.resource is not None
+    made = options.resource()
+    enter = getattr(type(made), "__enter__", None)
+    exit_ = getattr(type(made), "__exit__", None)
+    if enter is not None and exit_ is not None:
+        value = enter(made)
+        return value, lambda: exit_(made, None, None, None)
+    close = getattr(made, "close", None)
+    return made, (close if callable(close) else (lambda: None))
+
+
+def backoff(options: CallOptions, attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (from 1): exponential, with jitter.
+
+    The nominal delay doubles each time; the jitter, within [0.5, 1.5) of it, keeps workers that
+    failed together from all retrying at the same moment.
+    """
+    return options.retry_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
+
+
+def handle(
+    failure: Exception,
+    item: Any,
+    options: CallOptions,
+    *,
+    stage: str,
+    run: RunState,
+    counters: Any,
+    fallback: Callable[[Any], Any],
+) -> Any:
+    """Apply the error policy to a failure that retries did not cure; return what the call gives.
+
+    The failure is labelled, counted and kept in ``run.errors``; then the item is skipped (the
+    call gives ``fallback(item)``) or the policy's replacement is returned. A policy that raises
+    fails the run with what it raised.
+    """
+    label(failure, stage, item)
+    counters.errors += 1
+    run.record_error(ItemError(stage, item, failure))
+    if options.on_error == "skip":
+        return fallback(item)
+    return options.on_error(failure, item)  # type: ignore[operator]
+
+
+def wrap(
+    fn: Callable[..., Any],
+    options: CallOptions,
+    *,
+    stage: str,
+    run: RunState,
+    limiter: RateLimiter | None,
+    resource: Any,
+    counters: Any,
+    fallback: Callable[[Any], Any],
+) -> Callable[[Any], Any]:
+    """Build one worker's call of ``fn`` with the stage's options around it.
+
+    Args:
+        fn: the user's function.
+        options: the stage's call options (not plain).
+        stage: the stage's name, for notes and :class:`ItemError`.
+        run: the run's state: its ``stopped`` event and ``errors`` list.
+        limiter: the stage's shared rate limiter, if it has a rate.
+        resource: the worker's resource, passed as ``fn(item, resource)`` if the stage has one.
+        counters: the worker's counters; ``errors`` counts the failures the policy handled.
+        fallback: what a skipped item becomes for the stage's kind (``SKIPPED`` for map and each,
+            False for filter, an empty tuple for flat_map).
+
+    Returns:
+        A function of one item.
+    """
+    retries = options.retries
+    retry_on = options.retry_on
+    policy = options.on_error
+    stopped = run.stopped
+    has_resource = options.resource is not None
+
+    def call(item: Any) -> Any:
+        attempt = 0
+        while True:
+            if limiter is not None:
+                limiter.wait()
+            try:
+                return fn(item, resource) if has_resource else fn(item)
+            except BaseException as error:
+                if attempt < retries and isinstance(error, retry_on):
+                    attempt += 1
+                    if stopped.wait(backoff(options, attempt)):
+                        raise Closed from None
+                    continue
+                if policy == "raise" or not isinstance(error, Exception):
+                    raise
+                failure = error
+            return handle(failure, item, options, stage=stage, run=run, counters=counters, fallback=fallback)
+
+    return call
