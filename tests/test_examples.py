@@ -135,3 +135,11 @@ def test_cpu_stage_gives_the_same_digests_on_threads_processes_and_dask() -> Non
         ), (label, lines)
     assert "processes give the same digests, in order: yes" in lines
     assert "dask gives the same digests, in order: yes" in lines
+
+
+@pytest.mark.timeout(120)
+def test_batch_upload_delivers_every_record_exactly_once_despite_failures() -> None:
+    lines = check_ok(run_example("batch_upload.py", "--records", "300", "--batch", "7", timeout=100))
+    assert lines[0].startswith("uploaded 300 records in 43 batches")
+    assert lines[1] == "server saw 300 records, 300 distinct"
+    assert lines[-1] == "every record exactly once: yes"
