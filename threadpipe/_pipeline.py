@@ -15,20 +15,28 @@ from collections.abc import (
 from concurrent.futures import Executor
 from functools import partial
 from itertools import islice
-from itertools import islice
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypedDict, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Final,
+    Generic,
+    Literal,
+    TypedDict,
+    TypeVar,
+    Unpack,
+    cast,
+    overload,
+)
 
-from typing_extensions import Unpack
-
-from ._calls import PLAIN, CallOptions, check_options
+from ._calls import CallOptions, check_options
 from ._channel import Channel, ReliefChannel
 from ._coroutine import check_timeout, coroutine_kind
 from ._errors import describe
 from ._executor import ExecutorStage, check_executor
-from ._monitor import Monitor
-from ._progress import Bars, check_progress, source_length
 from ._merge import MergeSource
+from ._monitor import Monitor
 from ._operators import BATCH, OPERATOR_KINDS, PIPE, TAKE, BatchStage, PipeStage, TakeStage
+from ._progress import Bars, check_progress, source_length
 from ._run import Run, RunState
 from ._source import SOURCE_NAME, QueueSource, Source, feed
 from ._stage import EACH, FILTER, FLAT_MAP, MAP, Stage, StageSpec, held_bound

@@ -151,8 +151,15 @@ class RunState:
         self.stopped.set()
         # Every time, not only the first: closing is idempotent, and a stop interrupted half way
         # (a second Ctrl-C while closing) is then finished by the next cancel.
+        self._close_all()
+
+    def _close_all(self) -> None:
+        # One closable failing must not leave the others open (and their threads blocked).
         for closable in self.closables:
-            closable.close()
+            try:
+                closable.close()
+            except Exception:
+                pass
 
     def cancel_stopped(self) -> None:
         """Finish a cancel whose stop flag was already set without the lock (see ``_cancel_dropped``)."""
@@ -160,8 +167,7 @@ class RunState:
             if self.error is None:
                 self.cancelled = True
         self.stopped.set()
-        for closable in self.closables:
-            closable.close()
+        self._close_all()
 
 
 def _cancel_dropped(state: RunState) -> None:
