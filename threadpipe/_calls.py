@@ -132,12 +132,12 @@ def check_options(
     if resource is not None and not callable(resource):
         raise TypeError(f"resource must be a callable that makes the resource, got {describe(resource)}")
     return CallOptions(
-        on_error,  # type: ignore[arg-type]
+        on_error,
         retries,
         float(retry_delay),
-        types,  # type: ignore[arg-type]
+        types,
         None if rate is None else float(rate),
-        resource,  # type: ignore[arg-type]
+        resource,
     )
 
 
@@ -203,7 +203,7 @@ def backoff(options: CallOptions, attempt: int) -> float:
     The nominal delay doubles each time; the jitter, within [0.5, 1.5) of it, keeps workers that
     failed together from all retrying at the same moment.
     """
-    return options.retry_delay * (2 ** (attempt - 1)) * (0.5 + random.random())
+    return float(options.retry_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
 
 
 def handle(

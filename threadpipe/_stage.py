@@ -116,7 +116,8 @@ def held_bound(spec: StageSpec) -> int:
     permit per item, returned only when its output is in the next buffer (see ``_executor.py``).
     """
     if spec.kind == BATCH:
-        return max(spec.capacity, spec.arg[0])  # a buffer's worth being taken, or one batch
+        size: int = spec.arg[0]
+        return max(spec.capacity, size)  # a buffer's worth being taken, or one batch
     if spec.executor is not None:
         return spec.workers + 1 if spec.executor == "processes" else spec.workers
     if spec.coroutine:
@@ -295,6 +296,7 @@ class Stage:
                 # waiting, hand over what this batch has made so far rather than hold it while
                 # the rest of the batch runs (a later call may take long, or even wait on those
                 # very outputs reaching the caller).
+                outputs: list[Any]
                 if kind is MAP:
                     outputs = []
                     for item in items:
