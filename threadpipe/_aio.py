@@ -404,7 +404,10 @@ class CoroutineStage:
             if self._saw_end and not stop[0]:
                 out.put_end()
         except Closed:
-            pass
+            # The output was closed without the run stopping (a take() downstream cut this stage
+            # off): nothing more can be emitted, and the permits held by what was not emitted are
+            # never returned, so the taker must be woken here or it waits for room for good.
+            self.close()
         except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
             self.run.fail(exc, self.spec.name, None, has_item=False)
         finally:

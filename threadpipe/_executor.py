@@ -194,6 +194,7 @@ class ExecutorStage:
         self._ready: deque[int] = deque()  # unordered stage: finished calls, in finishing order
         self._head = 0  # ordered stage: the number of the next call to hand on
         self._held = 0  # permits in use: items taken from the input and not yet handed on
+        self._cut = False  # this stage was stopped (see close())
         self._dispatching = True
         self._input_ended = False
         self._alive = 0
@@ -273,6 +274,9 @@ class ExecutorStage:
         and never raises: the run's other closables are closed after this one.
         """
         with self._lock:
+            # Also set when only this stage stops (a take() downstream closed its output): the
+            # run's stop flag stays down then, and the waits below must end all the same.
+            self._cut = True
             calls = list(self._calls.values())
             self._room.notify_all()
             self._news.notify_all()
@@ -335,7 +339,7 @@ class ExecutorStage:
             while True:
                 with self._lock:
                     while self._held >= permits:
-                        if stop[0]:
+                        if stop[0] or self._cut:
                             raise Closed
                         room.wait()
                     free = permits - self._held
@@ -461,7 +465,7 @@ class ExecutorStage:
             while True:
                 with self._lock:
                     while True:
-                        if stop[0]:
+                        if stop[0] or self._cut:
                             raise Closed
                         finished = self._take_finished()
                         if finished:
@@ -512,7 +516,9 @@ class ExecutorStage:
                     self._room.notify()
                 del finished, outputs, call, future
         except Closed:
-            pass
+            # The output was closed: by a cancel, or by a take() downstream that has all it
+            # needs. Either way stop the dispatcher too (it may be waiting for room).
+            self.close()
         except BaseException as exc:
             counters.errors += 1
             self.run.fail(exc, spec.name, item, has_item=item is not _NO_ITEM)
