@@ -273,7 +273,6 @@ class Stage:
             fn, get_many = trace.hook(spec.name, index, fn, get_many, kind is FLAT_MAP)
         out = self.out
         reorder = self.reorder
-        early = reorder is None
         stop = self.run.stop
         limit = spec.capacity
         estimate = self.call_seconds
@@ -292,18 +291,12 @@ class Stage:
                 started = perf_counter()
                 # One loop per kind, so the per-item path has no branch on the kind. Each checks
                 # the stop flag before every call: after a cancel the function is never called again.
-                # ``early`` (unordered stages only): before each call, if the next stage sits idle
-                # waiting, hand over what this batch has made so far rather than hold it while
-                # the rest of the batch runs (a later call may take long, or even wait on those
-                # very outputs reaching the caller).
                 outputs: list[Any]
                 if kind is MAP:
                     outputs = []
                     for item in items:
                         if stop[0]:
                             raise Closed
-                        if outputs and early and out.idle_getters:
-                            outputs = self._hand_over(outputs, skipping, counters)
                         outputs.append(fn(item))
                     if skipping:
                         outputs = [output for output in outputs if output is not SKIPPED]
@@ -312,17 +305,19 @@ class Stage:
                     for item in items:
                         if stop[0]:
                             raise Closed
-                        if outputs and early and out.idle_getters:
-                            outputs = self._hand_over(outputs, False, counters)
                         if fn(item):
                             outputs.append(item)
+                elif kind is EACH and not skipping:
+                    for item in items:
+                        if stop[0]:
+                            raise Closed
+                        fn(item)
+                    outputs = items
                 elif kind is EACH:
                     outputs = []
                     for item in items:
                         if stop[0]:
                             raise Closed
-                        if outputs and early and out.idle_getters:
-                            outputs = self._hand_over(outputs, False, counters)
                         if fn(item) is not SKIPPED:
                             outputs.append(item)
                 else:
@@ -359,14 +354,6 @@ class Stage:
                 self.run.fail(exc, spec.name, None, has_item=False)
             finally:
                 self._exit(saw_end)
-
-    def _hand_over(self, outputs: list[Any], skipping: bool, counters: _Counters) -> list[Any]:
-        """Put the outputs made so far downstream; return a fresh list for the rest of the batch."""
-        if skipping:
-            outputs = [output for output in outputs if output is not SKIPPED]
-        counters.items_out += len(outputs)
-        self.out.put_many(outputs)
-        return []
 
     def _flat_map(
         self, fn: Callable[[Any], Any], items: list[Any], number: int, counters: _Counters
