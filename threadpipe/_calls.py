@@ -7,7 +7,6 @@ closure over its own resource and the stage's shared rate limiter.
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -203,6 +202,8 @@ def backoff(options: CallOptions, attempt: int) -> float:
     The nominal delay doubles each time; the jitter, within [0.5, 1.5) of it, keeps workers that
     failed together from all retrying at the same moment.
     """
+    import random  # here: only retrying stages need it, and it costs ~5 ms to import
+
     return float(options.retry_delay * 2 ** (attempt - 1) * (0.5 + random.random()))
 
 

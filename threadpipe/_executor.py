@@ -29,14 +29,15 @@ returns without waiting for calls already running elsewhere; their results are d
 from __future__ import annotations
 
 import importlib
-import multiprocessing
 import pickle
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import CancelledError, Executor, Future, ProcessPoolExecutor
+# Not ProcessPoolExecutor: importing it imports multiprocessing (~15 ms), which a script that
+# never asks for processes should not pay on ``import threadpipe``; see _process_pool_class().
+from concurrent.futures import CancelledError, Executor, Future
 from functools import partial
-from multiprocessing.context import BaseContext
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
@@ -45,6 +46,9 @@ from ._errors import describe
 from ._stage import EACH, FILTER, FLAT_MAP, MAP, StageSpec, _Counters
 
 if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing.context import BaseContext
+
     from ._run import RunState
 
 __all__ = ["PROCESSES", "ExecutorStage", "check_executor", "flatten", "permits", "process_context"]
@@ -97,6 +101,15 @@ def flatten(fn: Callable[[Any], Iterable[Any]], item: Any) -> list[Any]:
     return list(fn(item))
 
 
+def _is_process_pool(executor: object) -> bool:
+    """Whether ``executor`` is a ``ProcessPoolExecutor``, without importing multiprocessing.
+
+    If its module was never imported, no such pool can exist.
+    """
+    module = sys.modules.get("concurrent.futures.process")
+    return module is not None and isinstance(executor, module.ProcessPoolExecutor)
+
+
 def process_context() -> BaseContext:
     """The multiprocessing context for ``executor="processes"``.
 
@@ -105,6 +118,8 @@ def process_context() -> BaseContext:
     Python 3.14: a run always has threads going, and a child forked from a threaded process can
     inherit a lock that some thread held at that instant and deadlock on it.
     """
+    import multiprocessing
+
     method = multiprocessing.get_start_method(allow_none=True)
     if method is None:
         method = (
@@ -128,7 +143,7 @@ def permits(spec: StageSpec) -> int:
 
 def _pickler_for(executor: Executor) -> Callable[[Any], bytes] | None:
     """The serialiser ``executor`` sends functions with, when it is known; else None."""
-    if isinstance(executor, ProcessPoolExecutor):
+    if _is_process_pool(executor):
         return pickle.dumps
     if type(executor).__module__.startswith("distributed."):
         # Dask serialises with pickle, falling back to cloudpickle (which it depends on), so
@@ -230,6 +245,8 @@ class ExecutorStage:
             if isinstance(executor, Executor):
                 self.executor = executor
             else:
+                from concurrent.futures import ProcessPoolExecutor
+
                 self._owned = ProcessPoolExecutor(spec.workers, mp_context=process_context())
                 self.executor = self._owned
         except Exception as exc:
@@ -531,7 +548,7 @@ class ExecutorStage:
         """Fail the run with a call's exception, as ``Future.result()`` would raise it."""
         executor = self.executor
         if (
-            isinstance(executor, ProcessPoolExecutor)
+            _is_process_pool(executor)
             and isinstance(error, _PICKLE_ERRORS)
             and not _picklable(item)
         ):
