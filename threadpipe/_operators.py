@@ -14,10 +14,11 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from time import monotonic, perf_counter
+from time import monotonic, perf_counter, thread_time
 from typing import TYPE_CHECKING, Any, Final
 
 from ._channel import Channel, Closed
+from ._stage import BATCH, PIPE, TAKE, _Counters
 
 if TYPE_CHECKING:
     from ._run import RunState
@@ -25,9 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BATCH", "OPERATOR_KINDS", "PIPE", "TAKE", "BatchStage", "PipeStage", "TakeStage"]
 
-PIPE: Final = "pipe"
-BATCH: Final = "batch"
-TAKE: Final = "take"
 OPERATOR_KINDS: Final = frozenset({PIPE, BATCH, TAKE})
 
 
@@ -37,19 +35,6 @@ class _Halt(BaseException):
     A BaseException, so that a generator's ``except Exception`` does not swallow it; the stage
     catches it and exits quietly. Never reaches a caller.
     """
-
-
-class _Counters:
-    """The stage's counts, written by its one thread; same fields as a thread stage's workers'."""
-
-    __slots__ = ("busy_seconds", "cpu_seconds", "errors", "items_in", "items_out")
-
-    def __init__(self) -> None:
-        self.items_in = 0
-        self.items_out = 0
-        self.busy_seconds = 0.0
-        self.errors = 0
-        self.cpu_seconds = 0.0
 
 
 class _OneThreadStage:
@@ -92,7 +77,6 @@ class _OneThreadStage:
 
     def _work(self) -> None:
         ended = False
-        started = perf_counter()
         try:
             ended = self._body()
         except (Closed, _Halt):
@@ -101,7 +85,7 @@ class _OneThreadStage:
             self.counters[0].errors += 1
             self.run.fail(exc, self.spec.name, None, has_item=False)
         finally:
-            self.counters[0].cpu_seconds = perf_counter() - started
+            self.counters[0].cpu_seconds = thread_time()
             if ended and not self.run.stop[0]:
                 self.out.put_end()
             self.run.thread_exited()

@@ -300,13 +300,17 @@ class Run(Generic[T]):
         Raises:
             RunStateError: the run was already iterated.
         """
+        self._claim()
+        return _Output(self)
+
+    def _claim(self) -> None:
+        """Mark the run's outputs as taken by an iterator; a run yields them once."""
         if self._iterated:
             raise RunStateError(
                 "this run was already iterated: a run yields its outputs once; "
                 "call pipeline.start() again for a new run"
             )
         self._iterated = True
-        return _Output(self)
 
     def __aiter__(self) -> AsyncIterator[T]:
         """Return an async iterator over the outputs, for ``async for x in run``.
@@ -319,12 +323,7 @@ class Run(Generic[T]):
         Raises:
             RunStateError: the run was already iterated.
         """
-        if self._iterated:
-            raise RunStateError(
-                "this run was already iterated: a run yields its outputs once; "
-                "call pipeline.start() again for a new run"
-            )
-        self._iterated = True
+        self._claim()
         from ._aio import AsyncOutput  # here, not at the top: only async callers import asyncio
 
         return AsyncOutput(self)

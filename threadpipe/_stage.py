@@ -24,18 +24,32 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._calls import PLAIN, SKIPPED, CallOptions, RateLimiter, open_resource, wrap
 from ._channel import Channel, Closed
-from ._operators import BATCH
 from ._reorder import Reorder
 
 if TYPE_CHECKING:
     from ._run import RunState
 
-__all__ = ["EACH", "FILTER", "FLAT_MAP", "MAP", "Stage", "StageSpec", "held_bound"]
+__all__ = [
+    "BATCH",
+    "EACH",
+    "FILTER",
+    "FLAT_MAP",
+    "MAP",
+    "PIPE",
+    "TAKE",
+    "Stage",
+    "StageSpec",
+    "held_bound",
+]
 
 MAP: Final = "map"
 FILTER: Final = "filter"
 FLAT_MAP: Final = "flat_map"
 EACH: Final = "each"
+# The one-thread stream operators (see ``_operators.py``).
+PIPE: Final = "pipe"
+BATCH: Final = "batch"
+TAKE: Final = "take"
 
 # A batch is sized so that the calls in it take about this long: long enough to amortise the lock
 # round-trips of taking and putting, short enough that slow items are still shared between workers.
