@@ -34,6 +34,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
+
 # Not ProcessPoolExecutor: importing it imports multiprocessing (~15 ms), which a script that
 # never asks for processes should not pay on ``import threadpipe``; see _process_pool_class().
 from concurrent.futures import CancelledError, Executor, Future

@@ -646,7 +646,7 @@ class Pipeline(Generic[T]):
         """
         capacities = [spec.capacity for spec in self._stages] + [self.output_capacity]
         bound = capacities[0] if self._source.in_memory else 1
-        for spec, next_capacity in zip(self._stages, capacities[1:]):
+        for spec, next_capacity in zip(self._stages, capacities[1:], strict=True):
             bound += spec.capacity + held_bound(spec)
             if spec.kind in (FLAT_MAP, PIPE):  # outputs held while streaming them on
                 bound += spec.workers * next_capacity
@@ -714,7 +714,7 @@ class Pipeline(Generic[T]):
         reliefs = [spec.relief for spec in self._stages] + [self._next_relief]
         channels = [
             (ReliefChannel if relief else Channel)(cap, name)
-            for cap, name, relief in zip(capacities, names, reliefs)
+            for cap, name, relief in zip(capacities, names, reliefs, strict=True)
         ]
         state.channels = channels
         aio: LoopThread | None = None
