@@ -12,21 +12,7 @@ import pytest
 import threadpipe as tp
 from threadpipe import Pipeline
 
-
-class Endless:
-    """An infinite generator source that records whether it was closed."""
-
-    def __init__(self) -> None:
-        self.closed = threading.Event()
-        self.pulled = 0
-
-    def __iter__(self) -> Iterator[int]:
-        try:
-            for i in itertools.count():
-                self.pulled += 1
-                yield i
-        finally:
-            self.closed.set()
+from sources import Endless
 
 
 @pytest.mark.parametrize(("n", "size", "expected"), [(0, 3, []), (7, 3, [[0, 1, 2], [3, 4, 5], [6]]), (2, 5, [[0, 1]]), (6, 3, [[0, 1, 2], [3, 4, 5]])])
@@ -84,12 +70,14 @@ def test_take_zero_pulls_nothing_it_does_not_need() -> None:
 def test_upstream_failures_after_take_do_not_fail_the_run() -> None:
     runs: list[tp.Run[int]] = []
     halted = threading.Event()
+    started = threading.Event()  # the run object is in ``runs``
 
     def fn(x: int) -> int:
         # Calls that take a while keep batches at one item, so items 0-2 never wait behind 3+.
         time.sleep(0.002)
         if x >= 3:
             # In flight when take() has its 3 items and cuts upstream off; failing then is moot.
+            started.wait(10)
             while not runs[0]._state.halted:
                 halted.wait(0.001)
             raise RuntimeError("nobody needs this item")
@@ -97,6 +85,7 @@ def test_upstream_failures_after_take_do_not_fail_the_run() -> None:
 
     run = Pipeline.from_iter(range(100)).map(fn, workers=4, ordered=False).take(3).each(lambda x: None).start()
     runs.append(run)
+    started.set()
     out = list(run)
     run.join(10)
     assert sorted(out) == [0, 1, 2]

@@ -9,6 +9,8 @@ import pytest
 import threadpipe as tp
 from threadpipe import Pipeline
 
+from sources import Endless
+
 
 def test_a_run_iterates_once() -> None:
     run = Pipeline.from_iter(range(3)).map(lambda x: x).start()
@@ -101,17 +103,7 @@ def test_repr_shows_status() -> None:
 
 
 def test_dropping_an_unfinished_run_cancels_it() -> None:
-    closed = threading.Event()
-
-    def source():  # type: ignore[no-untyped-def]
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-        finally:
-            closed.set()
-
-    run = Pipeline.from_iter(source()).map(lambda x: x).start()
+    source = Endless()
+    run = Pipeline.from_iter(iter(source)).map(lambda x: x).start()
     del run
-    assert closed.wait(10)
+    assert source.closed.wait(10)

@@ -10,6 +10,8 @@ import pytest
 
 from threadpipe import Pipeline
 
+from sources import Endless
+
 STOP = object()
 
 
@@ -51,17 +53,8 @@ def test_merge_interleaves_every_output() -> None:
 
 
 def test_merge_failure_is_raised_as_itself_and_stops_the_others() -> None:
-    closed = threading.Event()
+    source = Endless()
     err = LookupError("merged source broke")
-
-    def endless():  # type: ignore[no-untyped-def]
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-        finally:
-            closed.set()
 
     def fail(x: int) -> int:
         if x == 5:
@@ -69,9 +62,9 @@ def test_merge_failure_is_raised_as_itself_and_stops_the_others() -> None:
         return x
 
     with pytest.raises(LookupError) as info:
-        Pipeline.merge(Pipeline.from_iter(endless()), Pipeline.from_iter(range(10)).map(fail)).run()
+        Pipeline.merge(Pipeline.from_iter(iter(source)), Pipeline.from_iter(range(10)).map(fail)).run()
     assert info.value is err
-    assert closed.wait(10)
+    assert source.closed.wait(10)
 
 
 def test_merge_cancel_cancels_every_merged_run() -> None:
