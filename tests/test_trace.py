@@ -72,8 +72,12 @@ def test_the_cap_bounds_what_is_kept_and_counts_the_rest(tmp_path: Path) -> None
     p = Pipeline.from_iter(range(2000)).map(lambda x: x, workers=2).map(lambda x: x)
     doc = traced_run(p, tmp_path, trace=700)
     calls = [e for e in doc["traceEvents"] if e["ph"] == "X"]
-    assert len(calls) == 700
-    assert doc["otherData"] == {"generator": "threadpipe", "cap": 700, "dropped": 4000 - 700}
+    # Never more than the cap; every call is either kept or counted. (Workers reserve the cap in
+    # shrinking pieces: a few slots may be left unused in one worker while another drops.)
+    assert 600 <= len(calls) <= 700
+    other = doc["otherData"]
+    assert (other["generator"], other["cap"]) == ("threadpipe", 700)
+    assert len(calls) + other["dropped"] == 4000
     assert tp.DEFAULT_TRACE_CAP == 100_000
 
 

@@ -8,8 +8,10 @@ in the stage's input, as the input buffer numbers items (for the first stage, th
 
 Memory is bounded by a cap on the number of calls recorded per run (:data:`DEFAULT_TRACE_CAP`,
 100,000 calls, about 2.4 MB, unless ``trace=`` gives another number): the first calls up to the cap
-are kept, later ones are only counted as dropped. Workers take the cap in chunks under a lock, so
-the cap is exact and the lock is taken once per chunk, not per call.
+are kept, later ones are only counted as dropped. Workers take the cap in chunks under a lock (the
+lock is taken once per chunk, not per call), so a run never keeps more than the cap; when the cap
+runs out, a few slots may still sit reserved by one worker while another drops a call, so slightly
+fewer than the cap may be kept. Kept plus dropped is always the number of calls.
 
 The timeline is written as Chrome trace-event JSON (Perfetto, ``chrome://tracing``) or drawn as a
 Gantt chart with matplotlib (an optional extra).
@@ -155,7 +157,9 @@ class Tracer:
         if self._full:
             return 0
         with self._lock:
-            n = min(_CHUNK, self._left)
+            # An eighth of what is left, at most a chunk: as the cap runs out the pieces shrink,
+            # so little of it sits reserved in one worker while another worker has to drop.
+            n = min(_CHUNK, max(1, self._left // 8), self._left)
             self._left -= n
             if not self._left:
                 self._full = True
