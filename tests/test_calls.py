@@ -98,11 +98,12 @@ def test_rate_limit_holds_across_many_workers() -> None:
     rate = 50.0
     Pipeline.from_iter(range(30)).map(fn, workers=16, rate=rate, ordered=False).run()
     starts.sort()
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    # Calls are spaced 1/rate apart whatever the worker count (a little slack for the clock).
-    assert min(gaps) >= 0.9 / rate
-    # Any one-second window holds at most rate calls + 1: here the whole run is 29 gaps long.
-    assert starts[-1] - starts[0] >= 29 * 0.9 / rate
+    # Calls start no earlier than their slots, spaced 1/rate apart whatever the worker count. A
+    # call's thread may start it a little late (the interpreter lock), so allow 15 ms of that:
+    # any 5 consecutive calls span at least 4 intervals, less the lateness of the first.
+    spans = [b - a for a, b in zip(starts, starts[4:])]
+    assert min(spans) >= 4 / rate - 0.015
+    assert starts[-1] - starts[0] >= 29 / rate - 0.015
 
 
 def test_each_worker_gets_its_own_resource_closed_on_exit_even_on_failure() -> None:
