@@ -639,11 +639,6 @@ class AsyncSource:
             )
         return iterator
 
-    @property
-    def length_hint(self) -> int | None:
-        """Always None: an async source's length is not known before it is consumed."""
-        return None
-
 
 class AsyncFeeder:
     """Pulls an async source on the run's loop and puts its items into the first buffer.

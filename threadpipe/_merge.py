@@ -62,11 +62,6 @@ class MergeSource:
         """Whether any merged pipeline has a one-shot source."""
         return any(p._source.one_shot for p in self.pipelines)
 
-    @property
-    def length_hint(self) -> int | None:
-        """The total of the merged pipelines' output counts, when every one is known."""
-        return None
-
     def launch(self, out: Channel, state: RunState) -> None:
         """Start every merged pipeline and a pump thread for each; called by ``Pipeline.start``.
 

@@ -75,14 +75,6 @@ class Source:
                 self._opened = True
         return iter(self.iterable)
 
-    @property
-    def length_hint(self) -> int | None:
-        """The source's length when it is known without consuming it, else None."""
-        try:
-            return len(self.iterable)  # type: ignore[arg-type]
-        except TypeError:
-            return None
-
 
 def feed(iterator: Iterator[Any], out: Channel, run: RunState, in_memory: bool = False) -> None:
     """Pull ``iterator`` into ``out`` until it ends or the run stops; runs in the feeder thread.
@@ -154,8 +146,7 @@ class QueueSource:
 
     in_memory = False
     one_shot = False
-    iterable = None
-    length_hint = None
+    iterable = None  # no length to show: progress bars count without a total
 
     def __init__(self, q: Any, sentinel: object) -> None:
         if not callable(getattr(q, "get", None)):

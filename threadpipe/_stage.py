@@ -211,13 +211,9 @@ class Stage:
         estimate = self.call_seconds
         if estimate is not None and estimate < _GROW_SECONDS and self.spawned:
             return
-        self._spawn()
-
-    def _spawn(self) -> bool:
-        """Start one worker; return False if the stage is full, over, or stopped."""
         with self._lock:
             if self.spawned >= self.spec.workers or self.ended or self.run.stop[0]:
-                return False
+                return
             index = self.spawned
             self.spawned += 1
             if self.spawned == self.spec.workers:
@@ -238,7 +234,6 @@ class Stage:
             # No thread, so nobody will run _work's exit accounting: undo it here.
             self._exit(saw_end=False)
             raise
-        return True
 
     def _exit(self, saw_end: bool) -> None:
         with self._lock:
