@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from threadpipe._channel import END, Channel, Closed
+from threadpipe._channel import END, Channel
+from threadpipe._scope import Cancelled
 
 
 def test_is_a_bounded_queue() -> None:
@@ -89,13 +90,13 @@ def test_close_wakes_blocked_threads(side: str) -> None:
                 ch.get_many(1)
             else:
                 ch.put_many([1])
-        except Closed as exc:
+        except Cancelled as exc:
             raised.append(exc)
 
     t = threading.Thread(target=blocked)
     t.start()
     waiting.wait(5)
-    ch.close()
+    ch.abort()
     t.join(5)
     assert not t.is_alive() and len(raised) == 1
 
@@ -103,10 +104,10 @@ def test_close_wakes_blocked_threads(side: str) -> None:
 def test_closed_channel_refuses_even_when_items_wait() -> None:
     ch = Channel(4)
     ch.put_many([1, 2])
-    ch.close()
-    with pytest.raises(Closed):
+    ch.abort()
+    with pytest.raises(Cancelled):
         ch.get_many(1)
-    with pytest.raises(Closed):
+    with pytest.raises(Cancelled):
         ch.try_put(3)
 
 

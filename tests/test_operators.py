@@ -78,7 +78,7 @@ def test_upstream_failures_after_take_do_not_fail_the_run() -> None:
         if x >= 3:
             # In flight when take() has its 3 items and cuts upstream off; failing then is moot.
             started.wait(10)
-            while not runs[0]._state.halted:
+            while not runs[0]._state.segments[0].cancelled[0]:
                 halted.wait(0.001)
             raise RuntimeError("nobody needs this item")
         return x

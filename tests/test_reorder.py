@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from threadpipe._channel import Channel, Closed
+from threadpipe._channel import Channel
+from threadpipe._scope import Cancelled
 from threadpipe._reorder import Reorder
 
 
@@ -64,11 +65,11 @@ def test_close_wakes_a_getter_waiting_on_the_window() -> None:
     def getter() -> None:
         try:
             inp.get_many(5)
-        except Closed:
+        except Cancelled:
             raised.set()
 
     t = threading.Thread(target=getter)
     t.start()
-    inp.close()
+    inp.abort()
     t.join(5)
     assert raised.is_set()

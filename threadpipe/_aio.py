@@ -40,15 +40,19 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from functools import partial
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 from ._calls import RateLimiter, backoff, handle
-from ._channel import Channel, Closed
+from ._channel import Channel
 from ._coroutine import ASYNC_GEN
 from ._errors import SourceConsumedError, describe
 from ._reorder import Reorder
+from ._scope import Cancelled, Scope
 from ._source import SOURCE_NAME
-from ._stage import EACH, FILTER, MAP, StageSpec, _Counters, held_bound
+from ._stage import EACH, FILTER, MAP, StageSpec, _Counters
+from ._threads import Crew
+
+from ._run import _raise_stopped
 
 if TYPE_CHECKING:
     from ._run import Run, RunState
@@ -75,7 +79,7 @@ class LoopThread:
     Every user of the loop (a coroutine stage, the async feeder) holds it from its construction,
     before any thread of the run starts, until its own threads have exited; the last release stops
     the loop. The run stopping (cancel, a failure, a dropped run, interpreter exit) stops it too:
-    this object is one of the run's closables. Once stopped, the loop cancels the tasks still
+    this object is a member of the run's root scope. Once stopped, the loop cancels the tasks still
     pending, waits for them, finishes async generators and its default executor, and closes.
 
     Args:
@@ -92,21 +96,21 @@ class LoopThread:
         self._users = 0
         self._stopping = False
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, name=LOOP_THREAD_NAME, daemon=True)
-        run.closables.append(self)
+        self._crew = Crew("loop", run, run.scope, None)
+        run.scope.add(self)
 
     def __repr__(self) -> str:
         return f"<LoopThread users={self._users}{' stopping' if self._stopping else ''}>"
 
     # ------------------------------------------------------------------ users
 
-    def stage(self, spec: StageSpec, inp: Channel, out: Channel) -> CoroutineStage:
+    def stage(self, spec: StageSpec, inp: Channel, out: Channel, scope: Scope) -> CoroutineStage:
         """Make the runtime of a coroutine stage on this loop (it holds the loop at once)."""
-        return CoroutineStage(spec, inp, out, self.run, self)
+        return CoroutineStage(spec, inp, out, self.run, scope, self)
 
-    def feeder(self, aiterator: AsyncIterator[Any], out: Channel) -> Callable[[], None]:
-        """Make the feeder thread's target for an async source (it holds the loop at once)."""
-        return AsyncFeeder(aiterator, out, self.run, self).feed
+    def feeder(self, aiterator: AsyncIterator[Any], out: Channel, scope: Scope) -> AsyncFeeder:
+        """Make the feeder of an async source (it holds the loop at once)."""
+        return AsyncFeeder(aiterator, out, self.run, scope, self)
 
     def hold(self) -> None:
         """Count one more user: the loop runs at least until it releases."""
@@ -121,7 +125,7 @@ class LoopThread:
         if last:
             self._request_stop()
 
-    def close(self) -> None:
+    def abort(self) -> None:
         """Stop the loop because the run stopped: pending tasks are cancelled, then it closes."""
         self._request_stop()
 
@@ -145,17 +149,30 @@ class LoopThread:
             return False
         return True
 
+    def call_if_running(self, callback: Callable[[], None]) -> None:
+        """Have the loop call ``callback()`` if it runs; never waits (for a cancel's use).
+
+        A loop not made yet has no tasks to cancel, and its users check their scope before they
+        create any.
+        """
+        loop = self.loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(callback)
+            except RuntimeError:  # "Event loop is closed"
+                pass
+
     # ------------------------------------------------------------------ the loop thread
 
     def start(self) -> None:
         """Start the loop thread (without waiting for it: ``call_soon`` waits if it must)."""
-        self.run.thread_started()
         try:
-            self._thread.start()
+            started = self._crew.start(self._main)
         except BaseException:
             self._ready.set()
-            self.run.thread_exited()
             raise
+        if not started:  # the run was cancelled before it started
+            self._ready.set()
 
     def _request_stop(self) -> None:
         with self._lock:
@@ -170,7 +187,7 @@ class LoopThread:
             except RuntimeError:
                 pass  # closed already
 
-    def _main(self) -> None:
+    def _main(self, index: int) -> bool:
         loop: asyncio.AbstractEventLoop | None = None
         try:
             # Made here, in the thread that runs it: a loop made elsewhere and never run would have
@@ -184,7 +201,7 @@ class LoopThread:
                 loop.run_forever()
         except BaseException as exc:
             exc.add_note(f"threadpipe: raised by the run's event loop ({LOOP_THREAD_NAME})")
-            self.run.fail(exc, "loop", None, has_item=False)
+            self.run.fail(exc, self.run.scope, "loop", None, has_item=False)
         finally:
             self._ready.set()
             try:
@@ -197,9 +214,8 @@ class LoopThread:
                 exc.add_note(
                     f"threadpipe: raised while closing the run's event loop ({LOOP_THREAD_NAME})"
                 )
-                self.run.fail(exc, "loop", None, has_item=False)
-            finally:
-                self.run.thread_exited()
+                self.run.fail(exc, self.run.scope, "loop", None, has_item=False)
+        return False
 
 
 def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
@@ -234,34 +250,47 @@ class CoroutineStage:
     """One coroutine stage of a run: the taker and emitter threads, and the tasks on the run's loop.
 
     It has the interface of :class:`~threadpipe._stage.Stage` that a run and its statistics use:
-    ``spec``, ``inp``, ``out``, ``spawned``, ``counters`` and ``start()``. It is also one of the
-    run's closables: the run's stop calls :meth:`close`.
+    ``spec``, ``inp``, ``out``, ``spawned``, ``counters`` and ``start()``. It is also a member of
+    its scope: cancelling the scope calls :meth:`abort`, which cancels its coroutines.
 
     Args:
         spec: what to run; ``spec.fn`` is a coroutine function (or, for flat_map, an async
             generator function).
         inp: the channel the taker reads.
         out: the channel the emitter writes.
-        run: the run's shared state (stop flag, error, thread accounting).
+        run: the run's shared state (error, thread accounting).
+        scope: the stage's segment scope.
         aio: the run's loop.
     """
 
     def __init__(
-        self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, aio: LoopThread
+        self,
+        spec: StageSpec,
+        inp: Channel,
+        out: Channel,
+        run: RunState,
+        scope: Scope,
+        aio: LoopThread,
     ) -> None:
         self.spec = spec
         self.inp = inp
         self.out = out
         self.run = run
+        self.scope = scope
         self.aio = aio
-        self.reorder = Reorder(inp, out, held_bound(spec)) if spec.reorders else None
+        self.reorder: Reorder | None = None
+        if spec.reorders:
+            self.reorder = Reorder(inp, out, 2 * spec.workers)
+            scope.add(self.reorder)
+        # The taker and the emitter; the last one out releases the loop.
+        self.crew = Crew(spec.name, run, scope, out, on_last=aio.release)
         # One set of counters, written by the loop thread only (each call adds itself on return).
         self.counters: list[_Counters] = [_Counters()]
         # The most coroutines that were in flight at once so far (``workers`` is the limit). The
         # statistics read it where a thread stage reports the threads it started.
         self.spawned = 0
         # Lock discipline: ``_lock`` guards the fields below. It is only ever held for bookkeeping,
-        # never across a channel operation, a loop call or ``run.fail`` (which calls ``close``,
+        # never across a channel operation, a loop call or ``run.fail`` (which calls ``abort``,
         # which takes it). The loop thread takes it too, so it must never be held for long.
         self._lock = threading.Lock()
         self._has_room = threading.Condition(self._lock)  # taker: permits came back, or stop
@@ -272,7 +301,6 @@ class CoroutineStage:
         self._taking = True
         self._saw_end = False
         self._closed = False
-        self._threads = 2  # taker and emitter still to exit; the last releases the loop
         # Loop thread only. The loop keeps only weak references to tasks: these keep them alive
         # (by item number) until they end.
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -280,9 +308,19 @@ class CoroutineStage:
         self._plain_map = spec.kind == MAP and spec.timeout is None and spec.options.plain
         rate = spec.options.rate
         # One limiter for the stage, shared by its coroutines: the rate holds whatever ``workers``.
-        self._limiter = RateLimiter(rate, run.stopped) if rate is not None else None
+        self._limiter = RateLimiter(rate, scope.event) if rate is not None else None
         aio.hold()
-        run.closables.append(self)
+        scope.add(self)
+
+    @classmethod
+    def held(cls, spec: StageSpec, next_capacity: int) -> int:
+        """One permit per item in flight, returned once its outputs are handed on; ordered, the
+        reorder window lets as many again wait for their turn. A ``flat_map`` call holds at most
+        one output buffer's worth of its outputs before it waits for them to be handed on."""
+        held = 2 * spec.workers if spec.reorders else spec.workers
+        if spec.kind == "flat_map":
+            held += spec.workers * next_capacity
+        return held
 
     def __repr__(self) -> str:
         return (
@@ -298,37 +336,32 @@ class CoroutineStage:
 
     def start(self) -> None:
         """Start the taker and the emitter threads."""
-        targets = (self._take, self._emit)
-        for index, target in enumerate(targets):
-            self.run.thread_started()
-            thread = threading.Thread(
-                target=target, name=f"threadpipe-{self.spec.name}-{index}", daemon=True
-            )
-            try:
-                thread.start()
-            except BaseException:
-                self.run.thread_exited()
-                for _ in targets[index:]:
-                    self._thread_gone()
-                raise
+        try:
+            self.crew.start_all(self._take, self._emit)
+        finally:
+            if not self.crew.spawned:  # never started (the run was cancelled): let the loop go
+                self.aio.release()
 
-    def close(self) -> None:
-        """Wake both threads so they exit: the run stopped (its loop cancels the coroutines)."""
+    def abort(self) -> None:
+        """Wake both threads so they exit, and cancel the stage's coroutines on the loop.
+
+        Called by the scope's cancel: by the run stopping (the loop then stops and cancels every
+        task anyway), or by a ``take()`` downstream that cut this stage off, while the loop goes
+        on for the other stages.
+        """
         with self._lock:
             self._closed = True
             self._has_room.notify_all()
             self._has_news.notify_all()
+        self.aio.call_if_running(self._cancel_tasks)
 
-    def _thread_gone(self) -> None:
-        with self._lock:
-            self._threads -= 1
-            last = self._threads == 0
-        if last:
-            self.aio.release()
+    def _cancel_tasks(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
 
     # ------------------------------------------------------------------ the taker thread
 
-    def _take(self) -> None:
+    def _take(self, index: int) -> bool:
         inp = self.inp
         limit = self.spec.workers
         saw_end = False
@@ -338,39 +371,38 @@ class CoroutineStage:
                     while self._in_flight >= limit and not self._closed:
                         self._has_room.wait()
                     if self._closed:
-                        return
+                        return False
                     room = limit - self._in_flight
                 got = inp.get_many(room)
                 assert got is not None  # no timeout given
                 items, number = got
                 if not items:
                     saw_end = True
-                    return
+                    return False  # the emitter ends the stage, once every output is out
                 with self._lock:
                     self._in_flight += len(items)
                 # One handoff per batch. The coroutines are made on the loop, not here: one made
                 # here for a loop that closed meanwhile would never be awaited.
                 if not self.aio.call_soon(self._launch, items, number):
-                    return
+                    return False
                 del items
-        except Closed:
-            pass
+        except Cancelled:
+            return False
         except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
-            self.run.fail(exc, self.spec.name, None, has_item=False)
+            self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
+            return False
         finally:
             with self._lock:
                 self._taking = False
                 self._saw_end = saw_end
                 self._has_news.notify_all()  # the emitter may be waiting for exactly this
-            self._thread_gone()
-            self.run.thread_exited()
 
     # ------------------------------------------------------------------ the emitter thread
 
-    def _emit(self) -> None:
+    def _emit(self, index: int) -> bool:
         out = self.out
         reorder = self.reorder
-        stop = self.run.stop
+        stop = self.scope.cancelled
         try:
             while True:
                 with self._lock:
@@ -381,7 +413,7 @@ class CoroutineStage:
                         self._has_news.wait()
                         self._emitter_waits = False
                     if self._closed or stop[0]:
-                        return
+                        return False
                     results = self._results
                     if not results:
                         break  # the taker saw the end, and every call's outputs are out
@@ -401,25 +433,19 @@ class CoroutineStage:
                 with self._lock:
                     self._in_flight -= count
                     self._has_room.notify()
-            if self._saw_end and not stop[0]:
-                out.put_end()
-        except Closed:
-            # The output was closed without the run stopping (a take() downstream cut this stage
-            # off): nothing more can be emitted, and the permits held by what was not emitted are
-            # never returned, so the taker must be woken here or it waits for room for good.
-            self.close()
+            return self._saw_end  # every output is out: the crew sends the end on
+        except Cancelled:
+            return False
         except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
-            self.run.fail(exc, self.spec.name, None, has_item=False)
-        finally:
-            self._thread_gone()
-            self.run.thread_exited()
+            self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
+            return False
 
     # ------------------------------------------------------------------ the loop thread
 
     def _launch(self, items: list[Any], number: int) -> None:
         # The stop flag is set before any closable is closed, so before the loop is told to stop:
         # a batch that arrives once the run stopped starts nothing (no call after a cancel).
-        if self.run.stop[0] or self._closed:
+        if self.scope.cancelled[0] or self._closed:
             return
         loop = self.aio.loop
         assert loop is not None  # we are running on it
@@ -465,10 +491,13 @@ class CoroutineStage:
         finally:
             del self._tasks[number]
             self._running -= 1
+            # A failed call's traceback reaches this frame (the user's coroutine links to it): it
+            # must not hold the stage, which holds the run.
+            del self
 
     def _failed(self, exc: BaseException, item: Any) -> None:
         self.counters[0].errors += 1
-        self.run.fail(exc, self.spec.name, item)
+        self.run.fail(exc, self.scope, self.spec.name, item)
 
     async def _attempts(self, item: Any) -> list[Any]:
         """The outputs of one item with the stage's rate limit, retries and error policy.
@@ -480,8 +509,8 @@ class CoroutineStage:
         attempt = 0
         while True:
             if self._limiter is not None:
-                delay = self._limiter.reserve()
-                if delay > 0:
+                # As a thread's wait (``RateLimiter.wait``), sleeping on the loop between claims.
+                while (delay := self._limiter.claim()) > 0:
                     await asyncio.sleep(delay)
             try:
                 return await self._timed(item)
@@ -608,6 +637,10 @@ class AsyncSource:
         self._lock = threading.Lock()
         self._opened = False
 
+    def held(self, first_capacity: int) -> int:
+        """The most items the feeder holds: the one handed over, the next not pulled until it is put."""
+        return 1
+
     def open(self) -> AsyncIterator[Any]:
         """Return a fresh async iterator over the items.
 
@@ -653,13 +686,20 @@ class AsyncFeeder:
         aiterator: the opened async source.
         out: the first buffer.
         run: the run's shared state.
+        scope: the source's scope (the first segment's).
         aio: the run's loop.
     """
 
     def __init__(
-        self, aiterator: AsyncIterator[Any], out: Channel, run: RunState, aio: LoopThread
+        self,
+        aiterator: AsyncIterator[Any],
+        out: Channel,
+        run: RunState,
+        scope: Scope,
+        aio: LoopThread,
     ) -> None:
         self.aiterator = aiterator
+        self.scope = scope
         self.out = out
         self.run = run
         self.aio = aio
@@ -673,44 +713,54 @@ class AsyncFeeder:
             None  # loop thread only; the loop holds tasks weakly
         )
         aio.hold()
-        run.closables.append(self)
+        scope.add(self)
 
-    def close(self) -> None:
-        """Wake the feeder thread so it exits: the run stopped."""
+    def start(self) -> None:
+        """Start the feeder thread (``threadpipe-source-0``)."""
+        crew = Crew(SOURCE_NAME, self.run, self.scope, self.out, on_last=self.aio.release)
+        try:
+            crew.start(self.feed)
+        finally:
+            if not crew.spawned:
+                self.aio.release()
+
+    def abort(self) -> None:
+        """Wake the feeder thread so it exits: the scope was cancelled (the run, or a cut)."""
         with self._lock:
             self._closed = True
             self._handed.notify_all()
+        self.aio.call_if_running(self._cancel)
 
-    def feed(self) -> None:
+    def _cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def feed(self, index: int) -> bool:
         """The feeder thread: put each item the task hands over, then let it pull the next."""
         out = self.out
         try:
             if not self.aio.call_soon(self._start):
-                return
+                return False
             while True:
                 with self._lock:
                     while self._slot is _EMPTY and not self._closed:
                         self._handed.wait()
                     if self._closed:
-                        return
+                        return False
                     item = self._slot
                     self._slot = _EMPTY
                 if item is _END_OF_SOURCE:
-                    if not self.run.stop[0]:
-                        out.put_end()
-                    return
+                    return True
                 if not out.try_put(item):
                     out.put_many([item])
                 del item
                 if not self.aio.call_soon(self._resume):
-                    return
-        except Closed:
-            pass
+                    return False
+        except Cancelled:
+            return False
         except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
-            self.run.fail(exc, SOURCE_NAME, None, has_item=False)
-        finally:
-            self.aio.release()
-            self.run.thread_exited()
+            self.run.fail(exc, self.scope, SOURCE_NAME, None, has_item=False)
+            return False
 
     # ------------------------------------------------------------------ the loop thread
 
@@ -725,7 +775,7 @@ class AsyncFeeder:
             ack.set_result(None)
 
     def _start(self) -> None:
-        if self.run.stop[0]:
+        if self.scope.cancelled[0]:
             return
         loop = self.aio.loop
         assert loop is not None  # we are running on it
@@ -736,7 +786,7 @@ class AsyncFeeder:
         if not task.cancelled():
             exc = task.exception()  # retrieved; ``_pull`` carries failures itself, so a bug
             if exc is not None:
-                self.run.fail(exc, SOURCE_NAME, None, has_item=False)
+                self.run.fail(exc, self.scope, SOURCE_NAME, None, has_item=False)
 
     async def _pull(self) -> None:
         aiterator = self.aiterator
@@ -755,11 +805,11 @@ class AsyncFeeder:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self.run.fail(exc, SOURCE_NAME, None, has_item=False)
+            self.run.fail(exc, self.scope, SOURCE_NAME, None, has_item=False)
         finally:
             # Like the feeder of a plain source: a source the run stopped early is closed, here on
             # the loop that iterates it, so its ``finally`` blocks run.
-            if self.run.stop[0]:
+            if self.scope.cancelled[0]:
                 aclose = getattr(aiterator, "aclose", None)
                 if aclose is not None:
                     try:
@@ -767,7 +817,7 @@ class AsyncFeeder:
                     except asyncio.CancelledError:
                         raise
                     except BaseException as exc:
-                        self.run.fail(exc, SOURCE_NAME, None, has_item=False)
+                        self.run.fail(exc, self.scope, SOURCE_NAME, None, has_item=False)
 
 
 # ---------------------------------------------------------------------------------- async for
@@ -845,7 +895,7 @@ def _fetch(channel: Channel, batch: int) -> Any:
     """Wait for outputs (in the helper thread): a batch, ``[]`` at the end, ``_CLOSED`` on stop."""
     try:
         got = channel.get_many(batch)
-    except Closed:
+    except Cancelled:
         return _CLOSED
     assert got is not None  # no timeout given
     return got[0]
@@ -867,9 +917,12 @@ class AsyncOutput(Generic[T]):
     meanwhile runs its other tasks. Cancelling the task that waits loses nothing: the outputs the
     helper takes are kept for the next ``__anext__``.
 
+    Leaving the loop early (``break``, an exception in the body, ``aclose()``, dropping the
+    iterator) cancels the run, as with a plain ``for``.
+
     Args:
         run: the run to iterate.
-        own: the iterator owns the run (``async for x in pipeline``): :meth:`aclose` cancels it.
+        own: the iterator owns the run (``async for x in pipeline``).
     """
 
     def __init__(self, run: Run[T], own: bool = False) -> None:
@@ -885,6 +938,7 @@ class AsyncOutput(Generic[T]):
         self._waiting = False  # a job is with the helper
         self._woken: asyncio.Future[None] | None = None
         self._helper = _Helper()
+        self._over = False  # the end arrived, or the run stopped
 
     def __aiter__(self) -> AsyncOutput[T]:
         return self
@@ -894,6 +948,7 @@ class AsyncOutput(Generic[T]):
 
         Raises:
             StopAsyncIteration: the outputs are over (or the run was cancelled).
+            RuntimeError: a stage raised ``StopIteration`` or ``StopAsyncIteration`` (its cause).
             BaseException: the exception a stage or the source raised, as itself.
         """
         buffer = self._buffer
@@ -901,52 +956,55 @@ class AsyncOutput(Generic[T]):
             return buffer.popleft()  # type: ignore[no-any-return]
         while True:
             if self._stop[0]:
-                self._stopped()
-            if self._delivered_results:
+                got = _CLOSED
+            elif self._delivered_results:
                 got, error = self._delivered_results.popleft()
                 if error is not None:
+                    self._over = True
+                    self._state.cancel()  # Ctrl-C (or a bug) in the helper: stop, then let it go
                     raise error
             elif self._waiting:
                 await self._sleep()
                 continue
             else:
                 try:
-                    taken = self._channel.get_many(
-                        self._batch, 0
-                    )  # takes what is there, never waits
-                except Closed:
-                    self._stopped()
+                    taken = self._channel.get_many(self._batch, 0)  # takes what is there, never waits
+                except Cancelled:
+                    continue  # the flag is up: reported at the top
                 if taken is None:
                     self._wait_in_thread(partial(_fetch, self._channel, self._batch))
                     await self._sleep()
                     continue
                 got = taken[0]
-            if got is _CLOSED:
-                self._stopped()
-            if not got:
-                # As the plain iterator does: every call has returned once the end arrives, and the
-                # threads on their way out are not waited for.
-                self._helper.close()
-                self._state.finished = True
-                self._run._close_monitor()
-                if self._own:
-                    self._run._raise_error()
-                raise StopAsyncIteration
-            buffer.extend(got)
-            return buffer.popleft()  # type: ignore[no-any-return]
+            if got and got is not _CLOSED:
+                buffer.extend(cast("list[Any]", got))
+                return buffer.popleft()  # type: ignore[no-any-return]
+            # The end, or the run stopped. As the plain iterator does: every call has returned
+            # once the end arrives, and the threads on their way out are not waited for.
+            self._over = True
+            buffer.clear()
+            self._helper.close()
+            if got is not _CLOSED:
+                self._state.delivered = True
+            self._run._close_monitor()
+            state = self._state
+            del self, buffer  # the traceback holds this frame: it must not hold the run
+            try:
+                _raise_stopped(state)
+            finally:
+                del state
+            raise StopAsyncIteration
+
+    def __del__(self) -> None:
+        if not self._over:
+            self._state.cancel_soon()  # left early: the loop broke, raised, or dropped this
 
     async def aclose(self) -> None:
-        """Stop iterating; cancel the run if this iterator owns it (``async for x in pipeline``)."""
+        """Stop iterating and cancel the run (a no-op once its outputs were all delivered)."""
+        self._over = True
         self._buffer.clear()
         self._helper.close()
-        if self._own:
-            self._run.cancel()
-
-    def _stopped(self) -> NoReturn:
-        self._buffer.clear()
-        self._helper.close()
-        self._run._raise_error()
-        raise StopAsyncIteration
+        self._run.cancel()
 
     def _wait_in_thread(self, job: Callable[[], Any]) -> None:
         self._waiting = True

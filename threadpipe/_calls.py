@@ -8,16 +8,17 @@ closure over its own resource and the stage's shared rate limiter.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
 
-from ._channel import Closed
 from ._errors import describe, label
+from ._scope import Cancelled
 
 if TYPE_CHECKING:
     from ._run import RunState
+    from ._scope import Scope
 
 __all__ = [
     "SKIPPED",
@@ -29,6 +30,7 @@ __all__ = [
     "check_options",
     "open_resource",
     "wrap",
+    "wrap_iter",
 ]
 
 
@@ -141,49 +143,59 @@ def check_options(
 
 
 class RateLimiter:
-    """Spaces the calls of all a stage's workers at least ``1 / rate`` seconds apart.
+    """Keeps the call starts of all a stage's workers at least ``1 / rate`` seconds apart.
 
-    Each call reserves the next free slot under a lock and then waits for it outside the lock, so
-    the limit holds however many workers there are, and waiting workers do not hold each other up.
+    A call may start once ``1 / rate`` has passed since the previous call *started*, measured when
+    it did: a start claims its moment under the lock, with the clock read under the lock. (Booking
+    slots on a grid ahead of time would let a call that woke late be followed by one right after
+    it.) A worker that finds it too early waits, outside the lock, and tries again.
 
     Args:
         rate: calls per second, > 0.
-        stopped: set when the run stops; a waiting call then raises ``Closed``, which ends the
-            worker quietly.
+        cancelled: the stage's scope's event; a waiting thread then raises ``Cancelled``.
     """
 
-    def __init__(self, rate: float, stopped: threading.Event) -> None:
+    def __init__(self, rate: float, cancelled: threading.Event) -> None:
         self._interval = 1.0 / rate
-        self._stopped = stopped
+        self._cancelled = cancelled
         self._lock = threading.Lock()
-        self._next = 0.0
+        self._last: float | None = None
 
-    def reserve(self) -> float:
-        """Reserve the next free slot; return how many seconds to wait for it (may be <= 0)."""
+    def claim(self) -> float:
+        """Claim the right to start now and return 0, or return how many seconds to wait first."""
         with self._lock:
             now = monotonic()
-            slot = self._next if self._next > now else now
-            self._next = slot + self._interval
-        return slot - monotonic()
+            last = self._last
+            if last is not None and now < last + self._interval:
+                return last + self._interval - now
+            self._last = now
+            return 0.0
 
     def wait(self) -> None:
         """Return when this call may start (a worker thread's wait).
 
         Raises:
-            Closed: the run stopped while waiting.
+            Cancelled: the stage's scope was cancelled while waiting.
         """
-        delay = self.reserve()
-        if delay > 0 and self._stopped.wait(delay):
-            raise Closed
-        if self._stopped.is_set():
-            raise Closed
+        while True:
+            if self._cancelled.is_set():
+                raise Cancelled
+            delay = self.claim()
+            if delay <= 0:
+                return
+            if self._cancelled.wait(delay):
+                raise Cancelled
 
 
-def open_resource(options: CallOptions) -> tuple[Any, Callable[[], None]]:
+def open_resource(
+    options: CallOptions,
+) -> tuple[Any, Callable[[BaseException | None], None]]:
     """Make one worker's resource; return it and the function that releases it.
 
     A context manager is entered (the worker gets what ``__enter__`` returns) and exited when the
-    worker exits; any other object with a ``close()`` method is closed then.
+    worker exits, with the exception of the worker's own failed call if that is what ended it (so
+    a database connection rolls back), else with ``(None, None, None)``; any other object with a
+    ``close()`` method is closed then.
     """
     assert options.resource is not None
     made = options.resource()
@@ -191,9 +203,16 @@ def open_resource(options: CallOptions) -> tuple[Any, Callable[[], None]]:
     exit_ = getattr(type(made), "__exit__", None)
     if enter is not None and exit_ is not None:
         value = enter(made)
-        return value, lambda: exit_(made, None, None, None)
+
+        def release(failure: BaseException | None) -> None:
+            if failure is None:
+                exit_(made, None, None, None)
+            else:
+                exit_(made, type(failure), failure, failure.__traceback__)
+
+        return value, release
     close = getattr(made, "close", None)
-    return made, (close if callable(close) else (lambda: None))
+    return made, ((lambda failure: close()) if callable(close) else (lambda failure: None))
 
 
 def backoff(options: CallOptions, attempt: int) -> float:
@@ -237,10 +256,11 @@ def wrap(
     *,
     stage: str,
     run: RunState,
+    scope: Scope,
     limiter: RateLimiter | None,
     resource: Any,
     counters: Any,
-    fallback: Callable[[Any], Any],
+    fallback: Callable[[Any], Any] | None,
 ) -> Callable[[Any], Any]:
     """Build one worker's call of ``fn`` with the stage's options around it.
 
@@ -248,7 +268,8 @@ def wrap(
         fn: the user's function.
         options: the stage's call options (not plain).
         stage: the stage's name, for notes and :class:`ItemError`.
-        run: the run's state: its ``stopped`` event and ``errors`` list.
+        run: the run's state: its ``errors`` list.
+        scope: the stage's scope: its event cuts a retry's backoff short.
         limiter: the stage's shared rate limiter, if it has a rate.
         resource: the worker's resource, passed as ``fn(item, resource)`` if the stage has one.
         counters: the worker's counters; ``errors`` counts the failures the policy handled.
@@ -258,10 +279,11 @@ def wrap(
     Returns:
         A function of one item.
     """
+    assert fallback is not None
     retries = options.retries
     retry_on = options.retry_on
     policy = options.on_error
-    stopped = run.stopped
+    stopped = scope.event
     has_resource = options.resource is not None
 
     def call(item: Any) -> Any:
@@ -275,7 +297,7 @@ def wrap(
                 if attempt < retries and isinstance(error, retry_on):
                     attempt += 1
                     if stopped.wait(backoff(options, attempt)):
-                        raise Closed from None
+                        raise Cancelled from None
                     continue
                 if policy == "raise" or not isinstance(error, Exception):
                     raise
@@ -283,3 +305,71 @@ def wrap(
             return handle(failure, item, options, stage=stage, run=run, counters=counters, fallback=fallback)
 
     return call
+
+
+def wrap_iter(
+    fn: Callable[..., Any],
+    options: CallOptions,
+    *,
+    stage: str,
+    run: RunState,
+    scope: Scope,
+    limiter: RateLimiter | None,
+    resource: Any,
+    counters: Any,
+    fallback: Callable[[Any], Any] | None = None,
+) -> Callable[[Any], Iterator[Any]]:
+    """Build one worker's call of a ``flat_map`` function: an iterator over the item's outputs.
+
+    The outputs stream one by one, never collected: the caller reads its stop flag between any
+    two. The options apply as for :func:`wrap`, with one rule of its own: a failure is retried
+    only while the call has yielded nothing (its outputs already passed on cannot be taken
+    back); after that, ``on_error`` applies to it as to any failure that retries did not cure,
+    and the outputs already yielded stay. ``"skip"`` yields nothing more; a callable's result is
+    iterated in place of the rest.
+
+    Args:
+        As :func:`wrap`; ``fallback`` is not used (a skipped item yields nothing more).
+
+    Returns:
+        A function of one item returning an iterator.
+    """
+    retries = options.retries
+    retry_on = options.retry_on
+    policy = options.on_error
+    stopped = scope.event
+    has_resource = options.resource is not None
+
+    def call(item: Any) -> Iterator[Any]:
+        attempt = 0
+        while True:
+            if limiter is not None:
+                limiter.wait()
+            produced = False
+            try:
+                for output in fn(item, resource) if has_resource else fn(item):
+                    produced = True
+                    yield output
+                return
+            except GeneratorExit:
+                raise  # the consumer stopped reading (a cancel): not a failure
+            except BaseException as error:
+                if not produced and attempt < retries and isinstance(error, retry_on):
+                    attempt += 1
+                    if stopped.wait(backoff(options, attempt)):
+                        raise Cancelled from None
+                    continue
+                if policy == "raise" or not isinstance(error, Exception):
+                    raise
+                failure = error
+            replacement = handle(
+                failure, item, options, stage=stage, run=run, counters=counters, fallback=_nothing
+            )
+            yield from replacement
+            return
+
+    return call
+
+
+def _nothing(item: Any) -> tuple[()]:
+    return ()

@@ -5,9 +5,12 @@ class's lock and conditions (``mutex``, ``not_empty``, ``not_full``), adding thr
 
 * ``get_many``/``put_many`` move several items under one lock acquisition. Taking what is already
   there in one go is what lets a pipeline beat the hand-written ``get()``/``put()`` loop.
-* ``close()`` wakes every blocked getter and putter at once and makes them raise :class:`Closed`.
+* ``abort()`` (what a cancel does to it) wakes every blocked getter and putter at once, makes them
+  raise :class:`~threadpipe._scope.Cancelled`, and drops the items it held: nobody will read them.
   Cancellation is therefore cooperative and needs no polling: a thread blocked on a full or empty
   buffer is woken by the cancel itself.
+* ``queue.Queue``'s own ``put``/``get`` family is refused: it would bypass the abort, the sentinel
+  and the ordering window.
 * The end of input travels as the private :data:`END` sentinel. A getter never removes it: it stays
   at the head of the buffer, so every sibling worker of the stage sees it in turn.
 """
@@ -17,9 +20,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
-__all__ = ["END", "Channel", "Closed", "ReliefChannel"]
+from ._scope import Cancelled
+
+__all__ = ["END", "Channel", "ReliefChannel"]
 
 
 class _End:
@@ -34,13 +39,6 @@ class _End:
 END: Final = _End()
 
 
-class Closed(Exception):
-    """Raised inside the library when a thread finds its channel closed by a cancel.
-
-    It never reaches a user: workers catch it and exit quietly.
-    """
-
-
 class Channel(queue.Queue[Any]):
     """A bounded FIFO between two stages.
 
@@ -52,7 +50,7 @@ class Channel(queue.Queue[Any]):
     def __init__(self, maxsize: int, name: str = "") -> None:
         super().__init__(maxsize)
         self.name = name
-        self.closed = False
+        self.aborted = False
         # Count of items ever taken, used to number items for ordered stages. Read and written
         # under ``mutex`` only, so that numbering and taking are one atomic step.
         self.taken = 0
@@ -71,15 +69,33 @@ class Channel(queue.Queue[Any]):
         self.window_open = threading.Condition(self.mutex)
 
     def __repr__(self) -> str:
-        return f"<Channel {self.name!r} {self.qsize()}/{self.maxsize}{' closed' if self.closed else ''}>"
+        aborted = " aborted" if self.aborted else ""
+        return f"<Channel {self.name!r} {self.qsize()}/{self.maxsize}{aborted}>"
 
-    def close(self) -> None:
-        """Wake every blocked thread; from now on ``get_many``/``put_many`` raise :class:`Closed`."""
+    def abort(self) -> None:
+        """Wake every blocked thread and drop the items held; from now on every get and put raises
+        :class:`~threadpipe._scope.Cancelled`. Idempotent."""
         with self.mutex:
-            self.closed = True
+            self.aborted = True
+            self.queue.clear()
             self.not_empty.notify_all()
             self.not_full.notify_all()
             self.window_open.notify_all()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError(
+            "a threadpipe Channel moves items with put_many/get_many/put_end only: queue.Queue's "
+            "put/get would bypass its abort, its end sentinel and its ordering window"
+        )
+
+    put = get = put_nowait = get_nowait = _refuse
+
+    def _starved(self) -> None:
+        # Read once: the reading stage sets it to None when fully grown, from another thread, and
+        # a check followed by a second read could call None.
+        grow = self.on_starved
+        if grow is not None:
+            grow()
 
     def raise_limit(self, limit: int) -> None:
         """Allow items numbered below ``limit`` to be taken, and wake getters waiting for that.
@@ -109,11 +125,11 @@ class Channel(queue.Queue[Any]):
         """Append ``item`` if there is room; return whether it was appended. Never blocks.
 
         Raises:
-            Closed: the channel was closed.
+            Cancelled: the channel was aborted.
         """
         with self.mutex:
-            if self.closed:
-                raise Closed
+            if self.aborted:
+                raise Cancelled
             q = self.queue
             if len(q) >= self.maxsize:
                 return False
@@ -122,8 +138,8 @@ class Channel(queue.Queue[Any]):
                 self.not_empty.notify()
                 return True
             starved = len(q) > 1
-        if starved and self.on_starved is not None:
-            self.on_starved()
+        if starved:
+            self._starved()
         return True
 
     def put_many(self, items: list[Any], timeout: float | None = None) -> int:
@@ -137,7 +153,7 @@ class Channel(queue.Queue[Any]):
             How many items were appended: ``len(items)`` unless the timeout ran out first.
 
         Raises:
-            Closed: the channel was closed before every item was appended.
+            Cancelled: the channel was aborted before every item was appended.
         """
         n = len(items)
         done = 0
@@ -147,8 +163,8 @@ class Channel(queue.Queue[Any]):
                 q = self.queue
                 maxsize = self.maxsize
                 while done < n:
-                    if self.closed:
-                        raise Closed
+                    if self.aborted:
+                        raise Cancelled
                     room = maxsize - len(q)
                     if room <= 0:
                         self.idle_putters += 1
@@ -173,8 +189,8 @@ class Channel(queue.Queue[Any]):
                         starved = True
         finally:
             # Outside the lock: growing a stage starts a thread, which must not hold up others.
-            if starved and self.on_starved is not None:
-                self.on_starved()
+            if starved:
+                self._starved()
         return done
 
     def get_many(
@@ -195,13 +211,13 @@ class Channel(queue.Queue[Any]):
             there for the next getter), and the running number of the first item taken.
 
         Raises:
-            Closed: the channel was closed.
+            Cancelled: the channel was aborted.
         """
         with self.mutex:
             q = self.queue
             while True:
-                if self.closed:
-                    raise Closed
+                if self.aborted:
+                    raise Cancelled
                 if not q:
                     self.idle_getters += 1
                     try:
@@ -244,8 +260,8 @@ class Channel(queue.Queue[Any]):
                 self.not_full.notify(n)
             starved = bool(q) and not self.idle_getters and q[0] is not END
         # Items left behind with nobody idle to take them: the stage may need another worker.
-        if starved and self.on_starved is not None:
-            self.on_starved()
+        if starved:
+            self._starved()
         return items, number
 
 
@@ -265,7 +281,7 @@ class ReliefChannel(Channel):
         """Append ``item``, dropping the oldest item if the buffer is full; always True.
 
         Raises:
-            Closed: the channel was closed.
+            Cancelled: the channel was aborted.
         """
         self.put_many([item])
         return True
@@ -277,11 +293,11 @@ class ReliefChannel(Channel):
             ``len(items)``: every item went in (some older ones may have gone out).
 
         Raises:
-            Closed: the channel was closed.
+            Cancelled: the channel was aborted.
         """
         with self.mutex:
-            if self.closed:
-                raise Closed
+            if self.aborted:
+                raise Cancelled
             q = self.queue
             q.extend(items)
             over = len(q) - self.maxsize
@@ -296,6 +312,6 @@ class ReliefChannel(Channel):
                 starved = False
             else:
                 starved = len(q) > len(items)
-        if starved and self.on_starved is not None:
-            self.on_starved()
+        if starved:
+            self._starved()
         return len(items)

@@ -6,9 +6,21 @@ to the caller, with one note added that names the stage and the item.
 
 from __future__ import annotations
 
+import os
 import reprlib
+from types import TracebackType
 
-__all__ = ["RunStateError", "SourceConsumedError", "ThreadpipeError", "label"]
+__all__ = [
+    "RunStateError",
+    "SourceConsumedError",
+    "ThreadpipeError",
+    "clear_own_frames",
+    "label",
+    "strip_own_frames",
+]
+
+# Frames of code in this folder are the library's own.
+_OWN = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class ThreadpipeError(Exception):
@@ -51,5 +63,65 @@ def label(exc: BaseException, stage: str, item: object, *, has_item: bool = True
         return
     if has_item:
         exc.add_note(f"threadpipe: raised in stage {stage!r} while processing item {describe(item)}")
-    else:
+    elif stage == "source":
         exc.add_note(f"threadpipe: raised by the {stage!r} iterator")
+    else:
+        exc.add_note(f"threadpipe: raised in stage {stage!r}, not while processing an item")
+
+
+def _own(tb: TracebackType) -> bool:
+    return tb.tb_frame.f_code.co_filename.startswith(_OWN)
+
+
+def strip_own_frames(exc: BaseException) -> None:
+    """Drop the library's frames from the head of the tracebacks of ``exc`` and its chain.
+
+    A worker's frame holds its stage, which holds the run's state, which holds the failure: left in
+    the traceback, it makes a cycle that only the garbage collector frees, and a failed run's
+    buffers would stay alive until it runs. The user's own frames (where it went wrong) stay. A
+    traceback made only of library frames (a bug of threadpipe's) is kept whole, to debug it.
+    """
+    for current in _chain(exc):
+        tb = current.__traceback__
+        head = tb
+        while head is not None and _own(head):
+            head = head.tb_next
+        if head is not None and head is not tb:
+            current.__traceback__ = head
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: set[int] = set()
+    found: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        found.append(current)
+        todo.append(current.__cause__)
+        todo.append(current.__context__)
+    return found
+
+
+def clear_own_frames(exc: BaseException) -> None:
+    """Clear the locals of the library's finished frames that the tracebacks of ``exc`` reach.
+
+    A frame that finished while its caller ran links to the caller's frame (``f_back``): the user's
+    function's frame in a failure's traceback keeps the worker frame that called it, and that frame
+    holds the stage and so the run. Called by a thread once its worker body has returned, so the
+    frames cleared are finished ones; a frame still running is left alone.
+    """
+    for current in _chain(exc):
+        tb = current.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame.f_back
+            while frame is not None:
+                if frame.f_code.co_filename.startswith(_OWN):
+                    try:
+                        frame.clear()
+                    except RuntimeError:  # still running (the thread's own bottom frames)
+                        pass
+                frame = frame.f_back
+            tb = tb.tb_next

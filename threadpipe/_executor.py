@@ -42,9 +42,11 @@ from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
 
-from ._channel import Channel, Closed
+from ._channel import Channel
 from ._errors import describe
+from ._scope import Cancelled, Scope
 from ._stage import EACH, FILTER, FLAT_MAP, MAP, StageSpec, _Counters
+from ._threads import Crew
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -176,32 +178,36 @@ class ExecutorStage:
 
     It has the interface of :class:`~threadpipe._stage.Stage` that a run and its statistics use:
     ``spec``, ``inp``, ``out``, ``spawned`` (threads started), ``counters`` and ``start()``. It is
-    also one of the run's closables: the run's stop calls :meth:`close`.
+    also a member of its scope: cancelling the scope calls :meth:`abort`.
 
     Args:
         spec: what to run; ``spec.executor`` is an ``Executor`` or ``"processes"``.
         inp: the channel the dispatcher reads.
         out: the channel the collector writes.
-        run: the run's shared state (stop flag, error, thread accounting).
+        run: the run's shared state (error, thread accounting).
+        scope: the stage's segment scope.
     """
 
-    def __init__(self, spec: StageSpec, inp: Channel, out: Channel, run: RunState) -> None:
+    def __init__(
+        self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
+    ) -> None:
         self.spec = spec
         self.inp = inp
         self.out = out
         self.run = run
+        self.scope = scope
+        self.crew = Crew(spec.name, run, scope, out, on_last=self._last_out)
         # One set of counters, written by the collector alone as it hands calls on: items_in counts
         # the items whose calls have returned (the statistics' in-flight count is the input
         # buffer's ``taken`` minus this), busy_seconds the seconds each call spent between its
         # submit and its completion. cpu_seconds stays None: the calls do not run on our threads.
-        self.counters: list[_Counters] = [_Counters()]
-        self.spawned = 0
+        self.counters: list[_Counters] = [_Counters(), _Counters()]
         self.permits = permits(spec)
         self.executor: Executor | None = None
         # The pool this stage created for "processes"; shut down when the stage's threads end.
         self._owned: ProcessPoolExecutor | None = None
         # Lock discipline: ``_lock`` guards every field below. It is held only for bookkeeping,
-        # never across a submit, a put, a future's cancel or ``run.fail`` (which calls ``close``,
+        # never across a submit, a put, a future's cancel or ``run.fail`` (which calls ``abort``,
         # which takes it): each of those may block, or call back into this stage.
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # dispatcher: permits came back, or stop
@@ -210,11 +216,21 @@ class ExecutorStage:
         self._ready: deque[int] = deque()  # unordered stage: finished calls, in finishing order
         self._head = 0  # ordered stage: the number of the next call to hand on
         self._held = 0  # permits in use: items taken from the input and not yet handed on
-        self._cut = False  # this stage was stopped (see close())
         self._dispatching = True
         self._input_ended = False
-        self._alive = 0
-        run.closables.append(self)
+        scope.add(self)
+
+    @classmethod
+    def held(cls, spec: StageSpec, next_capacity: int) -> int:
+        """The most items the stage holds: one permit per item, returned only once its output is
+        in the next buffer. (A ``flat_map`` call's outputs come back as one list, made where the
+        call ran: they count as the one item they came from.)"""
+        return permits(spec)
+
+    @property
+    def spawned(self) -> int:
+        """Threads started: the dispatcher and the collector."""
+        return self.crew.spawned
 
     def __repr__(self) -> str:
         return f"<ExecutorStage {self.spec.name!r} on {describe(self.spec.executor)}>"
@@ -257,44 +273,17 @@ class ExecutorStage:
                 exc.add_note(
                     f"threadpipe: raised in stage {spec.name!r} while setting up its executor"
                 )
-            self.run.fail(exc, spec.name, None, has_item=False)
+            self.run.fail(exc, self.scope, spec.name, None, has_item=False)
             return
-        targets = (self._dispatch, self._collect)
-        with self._lock:
-            if self.run.stop[0]:
-                return
-            # Both threads count as alive before either starts. Otherwise a dispatcher that met
-            # the end of a short input at once could exit as the "last" thread, shut the pool
-            # down and drop the calls before the collector had started.
-            self._alive = len(targets)
-        for _ in targets:
-            self.run.thread_started()
-        for index, target in enumerate(targets):
-            thread = threading.Thread(
-                target=target, name=f"threadpipe-{spec.name}-{index}", daemon=True
-            )
-            try:
-                thread.start()
-            except BaseException:
-                # The threads not started will never run their exit accounting: undo it here.
-                if index == 0:
-                    with self._lock:
-                        self._dispatching = False
-                for _ in targets[index:]:
-                    self._exit()
-                raise
-            self.spawned += 1
+        self.crew.start_all(self._dispatch, self._collect)
 
-    def close(self) -> None:
-        """Stop at the run's request: wake both threads, cancel the calls that have not started.
+    def abort(self) -> None:
+        """Stop because the scope was cancelled: wake both threads, cancel the calls not started.
 
-        Called by the run's stop, from whichever thread stops it. Never blocks on a running call
-        and never raises: the run's other closables are closed after this one.
+        Called by the scope's cancel, from whichever thread cancels it. Never blocks on a running
+        call and never raises: the scope's other members are aborted after this one.
         """
         with self._lock:
-            # Also set when only this stage stops (a take() downstream closed its output): the
-            # run's stop flag stays down then, and the waits below must end all the same.
-            self._cut = True
             calls = list(self._calls.values())
             self._room.notify_all()
             self._news.notify_all()
@@ -319,25 +308,21 @@ class ExecutorStage:
         except Exception:  # pragma: no cover - shutdown does not raise on a live pool
             pass
 
-    def _exit(self) -> None:
+    def _last_out(self) -> None:
+        """The last of the two threads out: drop what is left, close the pool this stage made."""
         with self._lock:
-            self._alive -= 1
-            last = self._alive == 0
-            if last:
-                # After a stop, calls may be left that nobody will hand on. Drop them: a failed
-                # run's exception keeps the run reachable, and with it every future we hold (and
-                # a Dask future keeps its result in the cluster's memory while it is referenced).
-                self._calls.clear()
-                self._ready.clear()
-        if last:
-            # The last thread out closes the pool; after a complete run every call has returned,
-            # so waiting only joins the idle processes, and ``join()`` leaves none behind.
-            self._shutdown(wait=not self.run.stop[0])
-        self.run.thread_exited()
+            # After a stop, calls may be left that nobody will hand on. Drop them: a failed
+            # run's exception keeps the run reachable, and with it every future we hold (and
+            # a Dask future keeps its result in the cluster's memory while it is referenced).
+            self._calls.clear()
+            self._ready.clear()
+        # After a complete run every call has returned, so waiting only joins the idle
+        # processes, and ``join()`` leaves none behind.
+        self._shutdown(wait=not self.scope.cancelled[0])
 
     # ------------------------------------------------------------------ the dispatcher
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, index: int) -> bool:
         spec = self.spec
         fn = spec.fn
         executor = self.executor
@@ -345,7 +330,7 @@ class ExecutorStage:
         submit = executor.submit
         flat = spec.kind is FLAT_MAP
         inp = self.inp
-        stop = self.run.stop
+        stop = self.scope.cancelled
         permits = self.permits
         room = self._room
         calls = self._calls
@@ -357,8 +342,8 @@ class ExecutorStage:
             while True:
                 with self._lock:
                     while self._held >= permits:
-                        if stop[0] or self._cut:
-                            raise Closed
+                        if stop[0]:
+                            raise Cancelled
                         room.wait()
                     free = permits - self._held
                 got = inp.get_many(free)
@@ -366,20 +351,20 @@ class ExecutorStage:
                 items = got[0]
                 if not items:
                     saw_end = True
-                    return
+                    return False  # the collector sends the end, once it has handed all on
                 # Take the permits before submitting, so the collector never sees the count at
                 # zero while some of these items are still on their way to the executor.
                 with self._lock:
                     self._held += len(items)
                 for item in items:
                     if stop[0]:
-                        raise Closed
+                        raise Cancelled
                     submitted = perf_counter()
                     try:
                         future = submit(flatten, fn, item) if flat else submit(fn, item)
                     except Exception as exc:
                         if stop[0]:
-                            raise Closed from None  # the cancel shut the pool down under us
+                            raise Cancelled from None  # the cancel shut the pool down under us
                         self._explain_submit(exc, item)
                         raise
                     with self._lock:
@@ -389,23 +374,20 @@ class ExecutorStage:
                     if stop[0]:
                         # The stop may have come before ``close`` could see this future.
                         future.cancel()
-                        raise Closed
+                        raise Cancelled
                 item = _NO_ITEM
                 del items  # hand the references on: the calls hold the items now
-        except Closed:
-            pass
+        except Cancelled:
+            return False
         except BaseException as exc:
-            # The one write the dispatcher makes to the counters, on its way out. It could race
-            # with the collector's count only if both failed at the same instant, and only the
-            # first failure of a run reaches the caller anyway.
-            self.counters[0].errors += 1
-            self.run.fail(exc, spec.name, item, has_item=item is not _NO_ITEM)
+            self.counters[1].errors += 1  # the dispatcher's own counters: one writer each
+            self.run.fail(exc, self.scope, spec.name, item, has_item=item is not _NO_ITEM)
+            return False
         finally:
             with self._lock:
                 self._dispatching = False
                 self._input_ended = saw_end
                 self._news.notify()
-            self._exit()
 
     def _explain_submit(self, exc: Exception, item: Any) -> None:
         """Add a note to a submit's error when the item could not be serialised for the executor."""
@@ -470,28 +452,26 @@ class ExecutorStage:
         ready.clear()
         return taken
 
-    def _collect(self) -> None:
+    def _collect(self, index: int) -> bool:
         spec = self.spec
         kind = spec.kind
         out = self.out
-        stop = self.run.stop
+        stop = self.scope.cancelled
         counters = self.counters[0]
         news = self._news
-        saw_end = False
         item: Any = _NO_ITEM
         try:
             while True:
                 with self._lock:
                     while True:
-                        if stop[0] or self._cut:
-                            raise Closed
+                        if stop[0]:
+                            raise Cancelled
                         finished = self._take_finished()
                         if finished:
                             break
                         if not self._dispatching and not self._held:
                             # Every item taken has been handed on and no more will be taken.
-                            saw_end = self._input_ended
-                            return
+                            return self._input_ended
                         news.wait()
                 outputs: list[Any] = []
                 busy = 0.0
@@ -501,7 +481,7 @@ class ExecutorStage:
                     busy += call.seconds
                     if future.cancelled():
                         if stop[0]:
-                            raise Closed
+                            raise Cancelled
                         # Cancelled by someone else (the executor was shut down, a cluster
                         # cancelled it): a missing result is a failure, never a silent gap.
                         raise CancelledError(
@@ -511,7 +491,7 @@ class ExecutorStage:
                     if error is not None:
                         counters.errors += 1
                         self._fail_call(error, item)
-                        raise Closed
+                        raise Cancelled
                     if kind is MAP:
                         outputs.append(future.result())
                     elif kind is FILTER:
@@ -533,17 +513,12 @@ class ExecutorStage:
                     self._held -= len(finished)
                     self._room.notify()
                 del finished, outputs, call, future
-        except Closed:
-            # The output was closed: by a cancel, or by a take() downstream that has all it
-            # needs. Either way stop the dispatcher too (it may be waiting for room).
-            self.close()
+        except Cancelled:
+            return False
         except BaseException as exc:
             counters.errors += 1
-            self.run.fail(exc, spec.name, item, has_item=item is not _NO_ITEM)
-        finally:
-            if saw_end and not stop[0]:
-                out.put_end()
-            self._exit()
+            self.run.fail(exc, self.scope, spec.name, item, has_item=item is not _NO_ITEM)
+            return False
 
     def _fail_call(self, error: BaseException, item: Any) -> None:
         """Fail the run with a call's exception, as ``Future.result()`` would raise it."""
@@ -555,7 +530,7 @@ class ExecutorStage:
         ):
             # A process pool pickles items in its own thread and reports a failure on the future.
             self._note_unpicklable_item(error, item)
-        self.run.fail(error, self.spec.name, item)
+        self.run.fail(error, self.scope, self.spec.name, item)
 
 
 def _picklable(item: Any) -> bool:

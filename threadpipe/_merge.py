@@ -8,10 +8,12 @@ run cancels them all.
 
 from __future__ import annotations
 
-import threading
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ._channel import Channel, Closed
+from ._channel import Channel
+from ._scope import Cancelled, Scope
+from ._threads import Crew
 
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
@@ -23,12 +25,12 @@ MERGE_NAME = "merge"
 
 
 class _Canceller:
-    """Lets the merged run's cancel reach a merged-in run (the run state closes its closables)."""
+    """Lets the merged run's cancel (or a cut) reach a merged-in run: a member of its scope."""
 
     def __init__(self, run: Run[Any]) -> None:
         self._run = run
 
-    def close(self) -> None:
+    def abort(self) -> None:
         self._run.cancel()
 
 
@@ -62,7 +64,15 @@ class MergeSource:
         """Whether any merged pipeline has a one-shot source."""
         return any(p._source.one_shot for p in self.pipelines)
 
-    def launch(self, out: Channel, state: RunState) -> None:
+    def held(self, first_capacity: int) -> int:
+        """The most items the merged runs hold: each pipeline's own bound.
+
+        That bound counts each run's output buffer twice, the second time for the batch its pump
+        takes from it and holds while it puts it on.
+        """
+        return sum(pipeline.buffer_bound() for pipeline in self.pipelines)
+
+    def launch(self, out: Channel, state: RunState, scope: Scope) -> None:
         """Start every merged pipeline and a pump thread for each; called by ``Pipeline.start``.
 
         Raises:
@@ -76,27 +86,15 @@ class MergeSource:
             for run in runs:
                 run.cancel()
             raise
-        state.closables.extend(_Canceller(run) for run in runs)
-        remaining = [len(runs)]
-        lock = threading.Lock()
-        for i, run in enumerate(runs):
-            state.thread_started()
-            thread = threading.Thread(
-                target=_pump,
-                args=(run, out, state, remaining, lock),
-                name=f"threadpipe-{MERGE_NAME}-{i}",
-                daemon=True,
-            )
-            try:
-                thread.start()
-            except BaseException:
-                state.thread_exited()
-                state.cancel()
-                raise
+        for run in runs:
+            scope.add(_Canceller(run))
+        # The last pump out sends the end, if its run ended (see Crew).
+        crew = Crew(MERGE_NAME, state, scope, out)
+        crew.start_all(*(partial(_pump, run=run, out=out, state=state, scope=scope) for run in runs))
 
 
-def _pump(run: Run[Any], out: Channel, state: RunState, remaining: list[int], lock: threading.Lock) -> None:
-    """Move one merged run's outputs into ``out``; the last pump to see its run end sends the end."""
+def _pump(index: int, run: Run[Any], out: Channel, state: RunState, scope: Scope) -> bool:
+    """Move one merged run's outputs into ``out``; returns whether that run ended."""
     channel = run._output
     ended = False
     try:
@@ -106,24 +104,18 @@ def _pump(run: Run[Any], out: Channel, state: RunState, remaining: list[int], lo
             items = got[0]
             if not items:
                 ended = True
-                break
+                return True
             out.put_many(items)
             del items, got
-    except Closed:
-        # Either the merged run was cancelled (closing this run too), or this run failed.
+    except Cancelled:
+        # Either the merged run was cancelled (cancelling this run too), or this run failed.
         error = run._state.error
         if error is not None:
-            state.fail(error, MERGE_NAME, None, has_item=False)
+            state.fail(error, scope, MERGE_NAME, None, has_item=False)
         run.cancel()
+        return False
     finally:
-        try:
-            if ended:
-                with lock:
-                    remaining[0] -= 1
-                    last = remaining[0] == 0
-                if last and not state.stop[0]:
-                    out.put_end()
-            # The merged run is done only when the runs it merged are.
-            run._state.done.wait()
-        finally:
-            state.thread_exited()
+        if not ended:
+            run.cancel()
+        # The merged run is done only when the runs it merged are.
+        run._state.done.wait()

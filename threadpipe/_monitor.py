@@ -131,7 +131,7 @@ class Monitor:
         wait = self._closing.wait
         try:
             while not wait(self.interval):
-                if state.done.is_set() or state.stop[0] or state.finished:
+                if state.done.is_set() or state.stop[0] or state.delivered:
                     break
                 self._tick(sample=True)
             # Once more with the final counts; not a sample, since the run is over.

@@ -11,14 +11,15 @@ as itself with a note, a cancel wakes them, and statistics read their counters.
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from time import monotonic, perf_counter, thread_time
 from typing import TYPE_CHECKING, Any, Final
 
-from ._channel import Channel, Closed
+from ._channel import Channel
+from ._scope import Cancelled, Scope
 from ._stage import BATCH, PIPE, TAKE, _Counters
+from ._threads import Crew
 
 if TYPE_CHECKING:
     from ._run import RunState
@@ -27,14 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["BATCH", "OPERATOR_KINDS", "PIPE", "TAKE", "BatchStage", "PipeStage", "TakeStage"]
 
 OPERATOR_KINDS: Final = frozenset({PIPE, BATCH, TAKE})
-
-
-class _Halt(BaseException):
-    """Raised into a user's generator when its run stops.
-
-    A BaseException, so that a generator's ``except Exception`` does not swallow it; the stage
-    catches it and exits quietly. Never reaches a caller.
-    """
 
 
 class _OneThreadStage:
@@ -48,50 +41,60 @@ class _OneThreadStage:
         inp: the channel the stage reads.
         out: the channel its outputs go to.
         run: the run's shared state.
+        scope: the stage's segment scope; the segments before it are what it can cut off.
     """
 
     reorder = None  # the interface of thread stages: never reorders, one thread keeps the order
 
-    def __init__(self, spec: StageSpec, inp: Channel, out: Channel, run: RunState) -> None:
+    def __init__(
+        self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
+    ) -> None:
         self.spec = spec
         self.inp = inp
         self.out = out
         self.run = run
+        self.scope = scope
         self.counters = [_Counters()]
-        self.spawned = 0
+        self.crew = Crew(spec.name, run, scope, out)
         self.call_seconds: float | None = None
+
+    @classmethod
+    def held(cls, spec: StageSpec, next_capacity: int) -> int:
+        """The most items the stage holds outside its input buffer: one batch it took."""
+        return spec.capacity
+
+    @property
+    def spawned(self) -> int:
+        """Threads started: 1 once running."""
+        return self.crew.spawned
 
     def start(self) -> None:
         """Start the stage's thread."""
-        self.spawned = 1
-        self.run.thread_started()
-        thread = threading.Thread(
-            target=self._work, name=f"threadpipe-{self.spec.name}-0", daemon=True
-        )
-        try:
-            thread.start()
-        except BaseException:
-            self.spawned = 0
-            self.run.thread_exited()
-            raise
+        self.crew.start(self._work)
 
-    def _work(self) -> None:
-        ended = False
+    def _work(self, index: int) -> bool:
         try:
-            ended = self._body()
-        except (Closed, _Halt):
-            pass
+            return self._body()
+        except Cancelled:
+            return False
         except BaseException as exc:
             self.counters[0].errors += 1
-            self.run.fail(exc, self.spec.name, None, has_item=False)
+            self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
+            return False
         finally:
             self.counters[0].cpu_seconds = thread_time()
-            if ended and not self.run.stop[0]:
-                self.out.put_end()
-            self.run.thread_exited()
 
     def _body(self) -> bool:
         raise NotImplementedError
+
+    def _cut_upstream(self) -> None:
+        """Cancel everything upstream of this stage: it has all the input it will read.
+
+        The stages before it start no new call, their coroutines and executor calls are
+        cancelled and the source is closed; their late failures are ignored. The stages after
+        it get the end from this one, and finish normally.
+        """
+        self.run.cut(self.run.segments.index(self.scope) - 1)
 
 
 class _Inputs(Iterator[Any]):
@@ -102,23 +105,31 @@ class _Inputs(Iterator[Any]):
     """
 
     def __init__(self, stage: PipeStage) -> None:
-        self._stage = stage
+        self._stage: PipeStage | None = stage
         self._buffer: deque[Any] = deque()
         self.ended = False
+
+    def release(self) -> None:
+        """Let go of the stage and the inputs left: the stage is over.
+
+        A failed generator's frame holds this iterator and stays in the failure's traceback,
+        which the run's state holds: without this, a cycle that only the garbage collector frees.
+        """
+        self._stage = None
+        self._buffer.clear()
 
     def __next__(self) -> Any:
         if self._buffer:
             return self._buffer.popleft()
         stage = self._stage
+        if stage is None:
+            raise Cancelled  # read after its stage ended: only a generator's cleanup does that
         if self.ended:
             raise StopIteration
-        if stage.run.stop[0]:
-            raise _Halt
+        if stage.scope.cancelled[0]:
+            raise Cancelled
         stage.flush()
-        try:
-            got = stage.inp.get_many(stage.inp.maxsize)
-        except Closed:
-            raise _Halt from None
+        got = stage.inp.get_many(stage.inp.maxsize)
         assert got is not None  # no timeout given
         items = got[0]
         if not items:
@@ -137,9 +148,19 @@ class PipeStage(_OneThreadStage):
     should return. If the run stops, the generator is closed (its ``finally`` blocks run).
     """
 
-    def __init__(self, spec: StageSpec, inp: Channel, out: Channel, run: RunState) -> None:
-        super().__init__(spec, inp, out, run)
+    def __init__(
+        self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
+    ) -> None:
+        super().__init__(spec, inp, out, run, scope)
         self._pending: list[Any] = []
+
+    @classmethod
+    def held(cls, spec: StageSpec, next_capacity: int) -> int:
+        """One batch of inputs taken, and up to one output buffer's worth made, not handed on.
+
+        What the user's generator keeps in its own state (a window) is its own to bound.
+        """
+        return spec.capacity + next_capacity
 
     def flush(self) -> None:
         """Hand on the outputs made so far (blocks while the next buffer is full)."""
@@ -160,18 +181,20 @@ class PipeStage(_OneThreadStage):
                 self._pending.append(output)
                 if len(self._pending) >= chunk:
                     self.flush()
-                if self.run.stop[0]:
-                    raise _Halt
+                if self.scope.cancelled[0]:
+                    raise Cancelled
+            if not inputs.ended:
+                # The function returned before its inputs ended: the stage is over, and what it
+                # left unread is not needed. Cut upstream off first, as take() does, so that
+                # nothing upstream can fail the run once the caller has the last outputs.
+                self._cut_upstream()
             self.flush()
         finally:
             self.counters[0].busy_seconds = perf_counter() - started
             close = getattr(result, "close", None)
             if close is not None:
                 close()  # runs the generator's finally blocks if it stopped early
-        # The function returned: whether or not it read every input, the stage is over. Inputs
-        # it left unread still wait upstream; stop feeding them, as take() does.
-        if not inputs.ended:
-            _stop_upstream(self)
+            inputs.release()  # the generator's frame may outlive the stage (in a traceback)
         return True
 
 
@@ -186,7 +209,8 @@ class TakeStage(_OneThreadStage):
         left: int = self.spec.arg
         counters = self.counters[0]
         if left <= 0:
-            _stop_upstream(self)
+            self._cut_upstream()
+            return True
         while True:
             got = self.inp.get_many(min(left, self.inp.maxsize))
             assert got is not None
@@ -198,10 +222,10 @@ class TakeStage(_OneThreadStage):
             left -= len(items)
             if left <= 0:
                 # Cut upstream off before the last items go out: once the caller has them,
-                # nothing upstream can fail the run any more.
-                self.run.halt_upstream(self.inp)
+                # nothing upstream can fail the run, and no call upstream can start.
+                self._cut_upstream()
                 self.out.put_many(items)
-                _stop_upstream(self)
+                return True
             self.out.put_many(items)
 
 
@@ -211,6 +235,12 @@ class BatchStage(_OneThreadStage):
     With a timeout, a partial batch is emitted once ``timeout`` seconds have passed since its first
     item arrived, so a slow trickle of items still moves on.
     """
+
+    @classmethod
+    def held(cls, spec: StageSpec, next_capacity: int) -> int:
+        """The batch being filled: never more than its size (nor than a buffer's worth taken)."""
+        size: int = spec.arg[0]
+        return max(spec.capacity, size)
 
     def _body(self) -> bool:
         size, timeout = self.spec.arg
@@ -241,16 +271,3 @@ class BatchStage(_OneThreadStage):
                 counters.items_out += 1
                 out.put_many([current])
                 current, deadline = [], None
-
-
-def _stop_upstream(stage: _OneThreadStage) -> None:
-    """Cut off everything upstream of the stage, then end its output.
-
-    Closing the upstream channels wakes and stops every upstream thread and the source (see
-    ``RunState.halt_upstream``); their late failures are ignored from then on. The stage after
-    this one gets the end and finishes normally.
-    """
-    stage.run.halt_upstream(stage.inp)
-    if not stage.run.stop[0]:
-        stage.out.put_end()
-    raise _Halt  # the end is sent: _work must not send it again

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -38,8 +37,8 @@ from ._monitor import Monitor
 from ._operators import BATCH, OPERATOR_KINDS, PIPE, TAKE, BatchStage, PipeStage, TakeStage
 from ._progress import Bars, check_progress, source_length
 from ._run import Run, RunState
-from ._source import SOURCE_NAME, QueueSource, Source, feed
-from ._stage import EACH, FILTER, FLAT_MAP, MAP, Stage, StageSpec, held_bound
+from ._source import SOURCE_NAME, QueueSource, Source, start_feeder
+from ._stage import EACH, FILTER, FLAT_MAP, MAP, Stage, StageSpec
 from ._trace import Tracer, check_trace
 
 if TYPE_CHECKING:
@@ -74,11 +73,24 @@ _OPERATOR_RUNTIMES: Final[dict[str, type[PipeStage | TakeStage | BatchStage]]] =
 }
 
 
-def _runtime(spec: StageSpec) -> type[Any]:
-    """The class that runs ``spec`` in a run: a pool of threads, a feeder of an executor, or the
-    one thread of a stream operator (coroutine stages are made by the run's loop)."""
+# Stream operators that can end a run early: each starts a new segment (see ``_scope``).
+_CUT_POINTS: Final = frozenset({PIPE, TAKE})
+
+
+def runtime_of(spec: StageSpec) -> type[Any]:
+    """The class that runs ``spec`` in a run: a pool of threads, the one thread of a stream
+    operator, the two threads around an executor or around coroutines on the run's loop.
+
+    Each has the same interface: made with ``(spec, inp, out, run, scope)`` (a coroutine stage is
+    made by the run's loop, which it needs too), ``start()``, ``spawned``, ``counters``, and the
+    class method ``held(spec, next_capacity)``, its part of ``Pipeline.buffer_bound()``.
+    """
     if spec.kind in OPERATOR_KINDS:
         return _OPERATOR_RUNTIMES[spec.kind]
+    if spec.coroutine:
+        from ._aio import CoroutineStage  # here, not at the top: only such runs import asyncio
+
+        return CoroutineStage
     return Stage if spec.executor is None else ExecutorStage
 
 
@@ -645,11 +657,9 @@ class Pipeline(Generic[T]):
             The bound, an int.
         """
         capacities = [spec.capacity for spec in self._stages] + [self.output_capacity]
-        bound = capacities[0] if self._source.in_memory else 1
+        bound = self._source.held(capacities[0])
         for spec, next_capacity in zip(self._stages, capacities[1:], strict=True):
-            bound += spec.capacity + held_bound(spec)
-            if spec.kind in (FLAT_MAP, PIPE):  # outputs held while streaming them on
-                bound += spec.workers * next_capacity
+            bound += spec.capacity + runtime_of(spec).held(spec, next_capacity)
         return bound + 2 * self.output_capacity
 
     def __repr__(self) -> str:
@@ -717,6 +727,18 @@ class Pipeline(Generic[T]):
             for cap, name, relief in zip(capacities, names, reliefs, strict=True)
         ]
         state.channels = channels
+        # Each stage's scope: a new segment starts at every operator that can end the run early.
+        # Channel i is written by the source (i = 0) or by stage i - 1: it belongs to its writer's
+        # scope, so cutting a segment off wakes whoever waits on what that segment writes.
+        scopes = []
+        scope = state.segments[0]
+        for spec in self._stages:
+            if spec.kind in _CUT_POINTS:
+                scope = state.segment()
+            scopes.append(scope)
+        writers = [state.segments[0], *scopes]
+        for channel, writer in zip(channels, writers, strict=True):
+            writer.add(channel)
         aio: LoopThread | None = None
         async_source = not isinstance(self._source, Source | QueueSource | MergeSource)
         if async_source or any(spec.coroutine for spec in self._stages):
@@ -724,20 +746,14 @@ class Pipeline(Generic[T]):
 
             aio = LoopThread(state)
         stages = tuple(
-            aio.stage(spec, channels[i], channels[i + 1])
+            aio.stage(spec, channels[i], channels[i + 1], scopes[i])
             if aio is not None and spec.coroutine
-            else _runtime(spec)(spec, channels[i], channels[i + 1], state)
+            else runtime_of(spec)(spec, channels[i], channels[i + 1], state, scopes[i])
             for i, spec in enumerate(self._stages)
         )
-        feeder: Callable[[], None] | None = None  # stays None for a source that launches itself
-        if launch is not None:
-            pass
-        elif aio is not None and async_source:
-            feeder = aio.feeder(cast("AsyncIterator[Any]", iterator), channels[0])
-        else:
-            plain = cast("Iterator[Any]", iterator)
-            feeder = partial(feed, plain, channels[0], state, self._source.in_memory)
-        state.closables.extend(channels)
+        feeder = None
+        if aio is not None and async_source:
+            feeder = aio.feeder(cast("AsyncIterator[Any]", iterator), channels[0], state.segments[0])
         run: Run[T] = Run(state, channels[-1], stages, watcher)
         # Count the starting itself as a live thread, so the run cannot look done (every thread
         # exited) between the feeder finishing a short source and the first worker starting.
@@ -745,20 +761,18 @@ class Pipeline(Generic[T]):
         try:
             if aio is not None:
                 aio.start()
-            if feeder is None:
-                assert launch is not None
-                launch(channels[0], state)
+            if launch is not None:
+                launch(channels[0], state, state.segments[0])
+            elif feeder is not None:
+                feeder.start()
             else:
-                state.thread_started()
-                try:
-                    threading.Thread(
-                        target=feeder,
-                        name=f"threadpipe-{SOURCE_NAME}-0",
-                        daemon=True,
-                    ).start()
-                except BaseException:
-                    state.thread_exited()
-                    raise
+                start_feeder(
+                    cast("Iterator[Any]", iterator),
+                    channels[0],
+                    state,
+                    state.segments[0],
+                    self._source.in_memory,
+                )
             for stage in stages:
                 stage.start()
             if watcher is not None:
@@ -818,6 +832,7 @@ class Pipeline(Generic[T]):
             return count  # type: ignore[no-any-return]
         finally:
             run.cancel()
+            del run  # the traceback of a failure holds this frame: it must not hold the run
 
     def to_list(self, *, progress: bool | Mapping[str, Any] | None = None) -> list[T]:
         """Run the pipeline to the end and return its outputs in a list.
@@ -842,3 +857,4 @@ def _iterate(run: Run[T]) -> Iterator[T]:
     finally:
         # After a complete run this is a no-op; after an early exit it cancels without waiting.
         run.cancel()
+        del run  # the traceback of a failure holds this frame: it must not hold the run

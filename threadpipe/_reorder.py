@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 from ._channel import Channel
+from ._scope import Cancelled
 
 __all__ = ["Reorder"]
 
@@ -41,6 +42,37 @@ class Reorder:
         self._lock = threading.Lock()
         self._next = 0
         self._waiting: dict[int, tuple[int, list[Any]]] = {}
+        # Workers waiting for their turn (``wait_turn``) wait on a condition of their own, not on
+        # ``_lock``, which an emitter holds while it waits for room downstream: an abort must be
+        # able to wake them without waiting for that emitter.
+        self._turn = threading.Condition(threading.Lock())
+        self._turn_waiters = 0
+        self._aborted = False
+
+    def abort(self) -> None:
+        """Wake every worker waiting for its turn; they raise ``Cancelled``. Idempotent."""
+        with self._turn:
+            self._aborted = True
+            self._turn.notify_all()
+
+    def wait_turn(self, number: int) -> None:
+        """Wait until the batch numbered ``number`` is at the head of the line.
+
+        Then every earlier batch's outputs have left, and the caller may put its outputs into
+        ``out`` directly, until it completes its batch.
+
+        Raises:
+            Cancelled: the stage's scope was cancelled.
+        """
+        with self._turn:
+            self._turn_waiters += 1
+            try:
+                while self._next != number:
+                    if self._aborted:
+                        raise Cancelled
+                    self._turn.wait()
+            finally:
+                self._turn_waiters -= 1
 
     def held(self) -> int:
         """How many finished batches wait for their turn (a snapshot)."""
@@ -50,7 +82,7 @@ class Reorder:
         """Hand over the outputs of the ``count`` input items numbered from ``number``.
 
         Raises:
-            Closed: the run was cancelled while emitting.
+            Cancelled: the run was cancelled while emitting.
         """
         with self._lock:
             if number != self._next:
@@ -64,8 +96,13 @@ class Reorder:
                     more_count, more = waiting.pop(nxt)
                     outputs.extend(more)
                     nxt += more_count
-            self._next = nxt
             if outputs:
                 self.out.put_many(outputs)
+            self._next = nxt
             # Under the lock, so that limits only ever go up.
             self.inp.raise_limit(nxt + self.window)
+        # Counted under ``_turn`` before a waiter re-reads ``_next``: either it sees the new
+        # head, or this sees it waiting and wakes it. Nobody waiting costs no lock at all.
+        if self._turn_waiters:
+            with self._turn:
+                self._turn.notify_all()

@@ -8,22 +8,23 @@ unfinished run cancels it.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from time import monotonic
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._calls import ItemError
-from ._channel import Channel, Closed
-from ._errors import RunStateError, label
+from ._channel import Channel
+from ._errors import RunStateError, clear_own_frames, label, strip_own_frames
+from ._scope import Cancelled, Scope
 from ._stats import Clock, StageStats, render_report, snapshot
+from ._threads import in_library_thread
 
 if TYPE_CHECKING:
-    import os
-
     from ._monitor import Monitor
     from ._trace import Tracer
 
@@ -37,42 +38,87 @@ MAX_ITEM_ERRORS = 10_000
 # The caller's thread waits in slices this long, so that Ctrl-C is handled promptly on every platform.
 _SLICE = 0.1
 
+# The failures each thread recorded, so that it can let go of its frames when it ends (see
+# ``release_frames``).
+_RECORDED = threading.local()
 
-class _Closable(Protocol):
-    def close(self) -> None: ...
+
+def _remember(exc: BaseException) -> None:
+    recorded = getattr(_RECORDED, "excs", None)
+    if recorded is None:
+        recorded = _RECORDED.excs = []
+    recorded.append(exc)
+
+
+def release_frames() -> None:
+    """Called by each library thread as it ends: clear the finished library frames that the
+    failures it recorded still reach, so that a failed run is freed by reference counting."""
+    recorded = getattr(_RECORDED, "excs", None)
+    if recorded:
+        _RECORDED.excs = None
+        for exc in recorded:
+            clear_own_frames(exc)
+
+
+# Every run not yet done, so that a child forked while runs are live can disown them (see _forked).
+_LIVE: weakref.WeakSet[RunState] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
 
 
 class RunState:
-    """What the threads of one run share."""
+    """What the threads of one run share: its scopes, its first error, its count of live threads.
+
+    Free-threading audit (who writes, who reads, why it is safe):
+
+    ============================  ==========================  =========================================
+    state                         written by                  safe because
+    ============================  ==========================  =========================================
+    scope flags                   ``Scope.cancel`` (locked)   written once, False to True
+    ``error``, ``cancelled``      ``fail``/``cancel``         under ``_lock``; read after ``done`` or
+                                                              a raised flag, both set after the write
+    ``_live``                     every thread, at start/end  under ``_lock``
+    ``errors``, ``errors_dropped``  ``record_error``          under ``_lock``; ``Run.errors`` copies
+                                                              under it
+    ``delivered``                 the caller's iterator       one writer; readers only skip work
+    worker counters               their own worker only       readers sum plain ints (never torn)
+    ============================  ==========================  =========================================
+    """
 
     def __init__(self) -> None:
-        # A one-element list rather than an Event: workers read it before every call, and indexing
-        # a list is the cheapest read there is. Written once (False -> True), under ``_lock``.
-        self.stop = [False]
+        # The run's root scope; ``stop`` is its flag, which the caller's iterator reads.
+        self.scope = Scope()
+        self.stop = self.scope.cancelled
+        # One scope per segment (see ``_scope``): segment i ends at the i-th cut point.
+        self.segments: list[Scope] = [Scope(self.scope)]
         self.error: BaseException | None = None
+        # The stage a failure came from, for the message when it cannot be raised as itself.
+        self.error_stage = ""
         self.cancelled = False
         # Set when the caller has received the end of input: every call has returned by then
         # (each stage sends the sentinel on only after all its workers finished), so there is
         # nothing left to cancel, only threads on their way out.
-        self.finished = False
+        self.delivered = False
+        # Set in a child process forked while this run was live: its threads are not there.
+        self.forked = False
         self.done = threading.Event()
-        self.closables: list[_Closable] = []
         # Wall and CPU time from now to the last thread's exit, for statistics; and the call
         # recorder when the run is traced (workers read it once, when they start).
         self.clock = Clock()
         self.trace: Tracer | None = None
-        # Set with ``stop``: threads that wait on a clock (a retry's backoff, a rate limit) wait
-        # on this, so a stop wakes them too.
-        self.stopped = threading.Event()
         # Failures an error policy handled (the run went on without the item), in order; capped.
         self.errors: list[ItemError] = []
         self.errors_dropped = 0
-        # The channels in pipeline order (the source's output first), and the producers of those
-        # a take() has cut off: their late failures concern items nobody will read.
         self.channels: list[Channel] = []
-        self.halted: set[str] = set()
         self._lock = threading.Lock()
         self._live = 0
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+
+    def segment(self) -> Scope:
+        """Open the next segment: the stages added from now on belong to it."""
+        scope = Scope(self.scope)
+        self.segments.append(scope)
+        return scope
 
     def thread_started(self) -> None:
         """Count a thread about to start; the run is done when every counted thread has exited."""
@@ -86,6 +132,8 @@ class RunState:
             last = self._live == 0
         if last:
             self.clock.stop()
+            with _LIVE_LOCK:
+                _LIVE.discard(self)
             self.done.set()
 
     @property
@@ -93,103 +141,152 @@ class RunState:
         """Threads of the run that have not exited yet."""
         return self._live
 
-    def fail(self, exc: BaseException, stage: str, item: object, *, has_item: bool = True) -> None:
-        """Record a failure and stop the run; the first failure is the one the caller sees.
+    def fail(
+        self, exc: BaseException, scope: Scope, stage: str, item: object, *, has_item: bool = True
+    ) -> None:
+        """Record a failure and cancel the run; the first failure is the one the caller sees.
+
+        A failure raised in a scope already cancelled is not recorded: it came while the run was
+        stopping (a cancel, an earlier failure) or after a ``take()`` cut its segment off, and
+        concerns items nobody will read.
 
         Args:
             exc: the exception, raised again to the caller as itself.
+            scope: the scope of the stage that raised it.
             stage: the stage it was raised in.
             item: the item being processed.
-            has_item: False when there was no item (the source failed).
+            has_item: False when there was no item (a source, or a failure between items).
         """
         label(exc, stage, item, has_item=has_item)
+        # The library's own frames leave the traceback: they hold the stage, the stage holds this
+        # state, and this state holds the error, a cycle only the garbage collector could break.
+        strip_own_frames(exc)
+        _remember(exc)
         with self._lock:
-            if stage in self.halted:
+            if scope.cancelled[0] or self.error is not None:
                 return
-            if self.error is None:
-                self.error = exc
-        self._stop()
+            self.error = exc
+            self.error_stage = stage
+        self.scope.cancel()
 
     def record_error(self, error: ItemError) -> None:
         """Keep a failure that an error policy handled, up to ``MAX_ITEM_ERRORS`` of them."""
+        strip_own_frames(error.exception)
+        _remember(error.exception)
         with self._lock:
             if len(self.errors) < MAX_ITEM_ERRORS:
                 self.errors.append(error)
             else:
                 self.errors_dropped += 1
 
-    def halt_upstream(self, channel: Channel) -> None:
-        """Stop everything that feeds ``channel``: the source and the stages before it.
+    def cut(self, segment: int) -> None:
+        """Cancel segments ``0..segment``: everything upstream of a ``take()`` that has all it needs.
 
-        Their channels up to ``channel`` are closed, which wakes them and makes them exit; the
-        stages after it go on and end normally. Used by ``take()`` once it has all it needs.
+        Their stages start no new call, their coroutines and executor calls are cancelled, their
+        sources closed; the stages after the cut go on and end normally.
         """
-        index = self.channels.index(channel)
-        upstream = self.channels[: index + 1]
-        with self._lock:
-            # Channel i is written by the source (i = 0) or by stage i - 1: name them all halted.
-            self.halted.update(ch.name for ch in upstream)
-        for ch in upstream:
-            ch.close()
+        for scope in self.segments[: segment + 1]:
+            scope.cancel()
 
     def cancel(self) -> None:
         """Stop the run at the caller's request: no new calls start, every blocked thread wakes.
 
-        A no-op on a run that already ended or delivered all its outputs, so that cleaning up after
-        a complete run does not mark it cancelled.
+        A no-op on a run that already ended or delivered all its outputs (a ``take()`` cancelled
+        what it cut off when it cut it), so that cleaning up after a complete run does not mark
+        it cancelled.
         """
-        if self.done.is_set() or self.finished:
+        if self.forked or self.done.is_set() or self.delivered:
             return
         with self._lock:
-            if not self.stop[0]:
+            if self.error is None and not self.stop[0]:
                 self.cancelled = True
-        self._stop()
+        self.scope.cancel()
 
-    def _stop(self) -> None:
-        with self._lock:
-            self.stop[0] = True
-        self.stopped.set()
-        # Every time, not only the first: closing is idempotent, and a stop interrupted half way
-        # (a second Ctrl-C while closing) is then finished by the next cancel.
-        self._close_all()
+    def cancel_soon(self) -> None:
+        """Cancel from a finalizer, which may run in a thread that holds one of this run's locks.
 
-    def _close_all(self) -> None:
-        # One closable failing must not leave the others open (and their threads blocked).
-        for closable in self.closables:
+        The garbage collector runs finalizers wherever it happens to run; in one of the library's
+        threads that could be while it holds a channel's lock, and cancelling there would wait for
+        that very lock. So a library thread hands the cancel to a thread of its own. At
+        interpreter exit, when no thread can start, cancelling here is safe: it is the main
+        thread, between the script's last line and the exit.
+        """
+        if self.forked or self.done.is_set() or self.delivered:
+            return
+        if not in_library_thread():
+            self.cancel()
+            return
+        try:
+            threading.Thread(target=self.cancel, name="threadpipe-cancel-0", daemon=True).start()
+        except RuntimeError:
+            self.cancel()
+
+    def raise_error(self) -> None:
+        """Raise the run's failure to the caller, if there is one.
+
+        As itself, except a ``StopIteration`` (or ``StopAsyncIteration``): raised from an
+        iterator's ``__next__`` it would end the caller's loop quietly, losing the failure, so it
+        is raised as a ``RuntimeError`` naming the stage, from the original (as PEP 479 does for
+        generators). ``Run.exception`` stays the original.
+
+        Raises:
+            BaseException: the failure.
+        """
+        error = self.error
+        if error is None:
+            return
+        if isinstance(error, StopIteration | StopAsyncIteration):
+            notes = [n for n in getattr(error, "__notes__", ()) if isinstance(n, str)]
+            where = notes[0].removeprefix("threadpipe: ") if notes else f"stage {self.error_stage!r}"
+            wrapped = RuntimeError(
+                f"{type(error).__name__} {where}; it is raised as RuntimeError because a "
+                f"{type(error).__name__} reaching the caller's loop would end it silently"
+            )
             try:
-                closable.close()
-            except Exception:
-                pass
-
-    def cancel_stopped(self) -> None:
-        """Finish a cancel whose stop flag was already set without the lock (see ``_cancel_dropped``)."""
-        with self._lock:
-            if self.error is None:
-                self.cancelled = True
-        self.stopped.set()
-        self._close_all()
+                raise wrapped from error
+            finally:
+                del wrapped, error
+        try:
+            raise error
+        finally:
+            # The traceback holds this frame: hold no reference to the error (or the state) in it.
+            del error, self
 
 
-def _cancel_dropped(state: RunState) -> None:
-    """Cancel a run whose last reference was dropped, without taking a lock in this thread.
+def _forked() -> None:
+    """In a child forked while runs were live: their threads are gone, and so may be their locks'
+    owners. Disown them: their flags stop any loop over them, and nothing takes their locks."""
+    global _LIVE_LOCK
+    _LIVE_LOCK = threading.Lock()  # the parent's may have been held by a thread that is gone
+    for state in list(_LIVE):
+        state.forked = True
+        state.stop[0] = True
+    _LIVE.clear()
 
-    A finalizer runs wherever the garbage collector happens to run, possibly in a worker that
-    holds a channel's lock at that moment; cancelling here could then wait for that very lock. So
-    the stop flag is set at once (no new call starts) and the closing is left to a thread of its
-    own. At interpreter exit, when no thread can start, cancelling here is safe: it is the main
-    thread, between the script's last line and the exit.
-    """
-    if state.done.is_set() or state.finished:
-        return
-    state.stop[0] = True
-    try:
-        threading.Thread(target=state.cancel_stopped, name="threadpipe-cancel-0", daemon=True).start()
-    except RuntimeError:
-        state.cancel_stopped()
+
+if hasattr(os, "register_at_fork"):
+    # As concurrent.futures.thread does: hold the lock across the fork, so the set is whole.
+    os.register_at_fork(
+        before=lambda: _LIVE_LOCK.acquire(),
+        after_in_parent=lambda: _LIVE_LOCK.release(),
+        after_in_child=_forked,
+    )
+
+
+_ENDED: Any = object()  # _Output.take: the end of input arrived
+_STOPPED: Any = object()  # _Output.take: the run stopped (failed or cancelled)
 
 
 class _Output(Generic[T]):
-    """The caller's iterator over a run's outputs: takes them from the last channel in batches."""
+    """The caller's iterator over a run's outputs: takes them from the last channel in batches.
+
+    Leaving a loop over it early (``break``, an exception in the loop body, dropping it) cancels the
+    run: the iterator is dropped then, and an iterator dropped before the end cancels its run.
+
+    A frame that raises the run's failure to the caller keeps no reference to the run, the iterator
+    or the state: the failure's traceback holds those frames, the state holds the failure, and a
+    failed run must be freed by reference counting alone once the caller lets go of both.
+    """
 
     def __init__(self, run: Run[T]) -> None:
         self._run = run  # keeps the run alive (and so not cancelled) while this iterator is
@@ -198,64 +295,93 @@ class _Output(Generic[T]):
         self._stop = run._state.stop
         self._buffer: deque[Any] = deque()
         self._batch = max(1, run._output.maxsize)
+        self._over = False  # the end arrived, or the run's failure was raised
+
+    def __del__(self) -> None:
+        if not self._over:
+            self._state.cancel_soon()
 
     def __iter__(self) -> Iterator[T]:
         return self
 
     def __next__(self) -> T:
-        if self._buffer and not self._stop[0]:
-            return self._buffer.popleft()  # type: ignore[no-any-return]
-        return self._refill()
+        buffer = self._buffer
+        if buffer and not self._stop[0]:
+            return buffer.popleft()  # type: ignore[no-any-return]
+        got = self._take()
+        if got is not _ENDED and got is not _STOPPED:
+            buffer.extend(got)
+            return buffer.popleft()  # type: ignore[no-any-return]
+        buffer.clear()
+        state = self._state
+        del self, buffer
+        try:
+            if got is _STOPPED:
+                _raise_stopped(state)
+        finally:
+            del state
+        raise StopIteration
 
-    def _refill(self) -> T:
+    def _take(self) -> Any:
+        """The next batch of outputs, or ``_ENDED``, or ``_STOPPED``; waits in slices."""
         while True:
             if self._stop[0]:
-                self._stopped()
+                self._over = True
+                self._run._close_monitor()  # the bars close before an exception or the next output
+                return _STOPPED
             try:
                 got = self._channel.get_many(self._batch, _SLICE)
-            except Closed:
-                self._stopped()
+            except Cancelled:
+                continue  # the flag is up: reported at the top
             except BaseException:
                 # Ctrl-C (or any asynchronous exception) while waiting: stop the run, then let it go.
+                self._over = True
                 self._state.cancel()
                 raise
             if got is None:
                 continue
             items = got[0]
             if not items:
-                self._state.finished = True
+                self._over = True
+                self._state.delivered = True
                 self._run._close_monitor()  # final counts drawn before the caller goes on
-                raise StopIteration
-            buffer = self._buffer
-            buffer.extend(items)
-            return buffer.popleft()  # type: ignore[no-any-return]
+                return _ENDED
+            return items
 
     def count(self) -> int:
-        """Consume everything left and return how many outputs there were (no per-item call)."""
+        """Consume everything left and return how many outputs there were (no per-item call).
+
+        Raises:
+            BaseException: the run's failure (see ``RunState.raise_error``).
+        """
         n = len(self._buffer)
         self._buffer.clear()
         while True:
-            if self._stop[0]:
-                self._stopped()
-            try:
-                got = self._channel.get_many(self._batch, _SLICE)
-            except Closed:
-                self._stopped()
-            except BaseException:
-                self._state.cancel()
-                raise
-            if got is None:
-                continue
-            if not got[0]:
-                self._state.finished = True
-                self._run._close_monitor()
+            got = self._take()
+            if got is _ENDED:
                 return n
-            n += len(got[0])
+            if got is _STOPPED:
+                state = self._state
+                del self
+                try:
+                    _raise_stopped(state)
+                finally:
+                    del state
+                return n
+            n += len(got)
 
-    def _stopped(self) -> Any:
-        self._buffer.clear()
-        self._run._raise_error()
-        raise StopIteration
+
+def _raise_stopped(state: RunState) -> None:
+    """Raise what a stopped run's caller sees: its failure, or nothing for a cancel."""
+    if state.forked:
+        raise RunStateError(
+            "this run was started in the parent process before os.fork(): its threads are not in "
+            "this child; leave the loop and start a new run here"
+        )
+    try:
+        state.raise_error()
+    finally:
+        del state  # the traceback holds this frame
 
 
 class Run(Generic[T]):
@@ -280,7 +406,7 @@ class Run(Generic[T]):
         self._iterated = False
         # Dropping the last reference to an unfinished run cancels it, and so does interpreter exit
         # (finalize runs its callbacks at exit), so a forgotten run never keeps threads busy.
-        self._finalizer = weakref.finalize(self, _cancel_dropped, state)
+        self._finalizer = weakref.finalize(self, state.cancel_soon)
 
     def __repr__(self) -> str:
         if self._state.error is not None:
@@ -317,8 +443,8 @@ class Run(Generic[T]):
 
         Waiting for an output never blocks the caller's event loop: a helper thread waits and wakes
         the caller's task through its loop. Otherwise as iterating the run: the outputs come once,
-        and a stage's exception is raised as itself. Leaving the loop early does not cancel the
-        run; ``cancel()`` does.
+        and a stage's exception is raised as itself. Leaving the loop early (``break``, an
+        exception in the body, dropping the iterator, ``aclose()``) cancels the run.
 
         Raises:
             RunStateError: the run was already iterated.
@@ -376,10 +502,15 @@ class Run(Generic[T]):
 
         Raises:
             TimeoutError: the timeout passed with threads still running (the run goes on).
+            RunStateError: the run was started in the parent of this forked process.
+            RuntimeError: a stage raised ``StopIteration``, which is its ``__cause__``.
             BaseException: the exception a stage or the source raised, as itself.
         """
+        state = self._state
+        if state.forked:
+            _raise_stopped(state)
         deadline = None if timeout is None else monotonic() + timeout
-        done = self._state.done
+        done = state.done
         try:
             while True:
                 wait = _SLICE if deadline is None else min(_SLICE, max(0.0, deadline - monotonic()))
@@ -388,23 +519,26 @@ class Run(Generic[T]):
                 if deadline is not None and monotonic() >= deadline:
                     raise TimeoutError(
                         f"the run did not finish within {timeout} s "
-                        f"({self._state.live_threads} threads still running)"
+                        f"({state.live_threads} threads still running)"
                     )
         except KeyboardInterrupt:
-            self._state.cancel()
+            state.cancel()
             raise
-        self._raise_error()
+        self._close_monitor()
+        del self, done  # the traceback holds this frame: it must not hold the run
+        try:
+            _raise_stopped(state)
+        finally:
+            del state
 
     def _raise_error(self) -> None:
         self._close_monitor()  # the bars close before an exception or the caller's next output
-        error = self._state.error
-        if error is not None:
-            try:
-                raise error
-            finally:
-                # The traceback holds this frame, which holds ``error``: drop the local reference
-                # so the exception does not keep the frame (and its locals) alive in a cycle.
-                error = None
+        state = self._state
+        del self  # the traceback holds this frame: it must not hold the run
+        try:
+            state.raise_error()
+        finally:
+            del state
 
     # ------------------------------------------------------------------ observing
 
@@ -414,7 +548,7 @@ class Run(Generic[T]):
             monitor.close()
 
     def _finished(self) -> bool:
-        return self._state.done.is_set() or self._state.finished or self._state.stop[0]
+        return self._state.done.is_set() or self._state.delivered or self._state.stop[0]
 
     def stats(self) -> tuple[StageStats, ...]:
         """A snapshot of every stage's statistics, during the run or after it.
@@ -495,6 +629,7 @@ class Run(Generic[T]):
         try:
             self.join()
         except BaseException as error:
+            del self, tb  # the traceback holds this frame: it must not hold the run
             if exc is None:
                 raise
             if error is not exc:

@@ -9,8 +9,10 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from ._channel import Channel, Closed
+from ._channel import Channel
 from ._errors import SourceConsumedError, describe
+from ._scope import Cancelled, Scope
+from ._threads import Crew
 
 if TYPE_CHECKING:
     from ._run import RunState
@@ -58,6 +60,10 @@ class Source:
         self._lock = threading.Lock()
         self._opened = False
 
+    def held(self, first_capacity: int) -> int:
+        """The most items the feeder holds: one, or a buffer's worth from a container in memory."""
+        return first_capacity if self.in_memory else 1
+
     def open(self) -> Iterator[Any]:
         """Return a fresh iterator over the items.
 
@@ -76,20 +82,41 @@ class Source:
         return iter(self.iterable)
 
 
-def feed(iterator: Iterator[Any], out: Channel, run: RunState, in_memory: bool = False) -> None:
-    """Pull ``iterator`` into ``out`` until it ends or the run stops; runs in the feeder thread.
+def start_feeder(
+    iterator: Iterator[Any], out: Channel, run: RunState, scope: Scope, in_memory: bool = False
+) -> Crew:
+    """Start the feeder thread (``threadpipe-source-0``) that pulls ``iterator`` into ``out``."""
+    crew = Crew(SOURCE_NAME, run, scope, out)
+    crew.start(feed, iterator, out, run, scope, in_memory)
+    return crew
+
+
+def feed(
+    index: int,
+    iterator: Iterator[Any],
+    out: Channel,
+    run: RunState,
+    scope: Scope,
+    in_memory: bool = False,
+) -> bool:
+    """Pull ``iterator`` into ``out`` until it ends or the scope is cancelled; the feeder's body.
 
     A generator is closed here, in the thread that iterates it (a generator cannot be closed from
     another thread while it runs), so its ``finally`` blocks run when the run is cancelled.
 
     Args:
+        index: the thread's number (0).
         iterator: the items.
         out: the first buffer.
         run: the run's shared state.
+        scope: the source's scope (the first segment's).
         in_memory: the items come from a built-in container, so taking a buffer's worth at a time
             cannot keep an item waiting on the source.
+
+    Returns:
+        Whether the source was exhausted (its crew then sends the end on).
     """
-    stop = run.stop
+    stop = scope.cancelled
     exhausted = False
     try:
         if in_memory:
@@ -98,35 +125,31 @@ def feed(iterator: Iterator[Any], out: Channel, run: RunState, in_memory: bool =
                 chunk = list(islice(iterator, size))
                 if not chunk:
                     exhausted = True
-                    out.put_end()
-                    return
+                    return True
                 out.put_many(chunk)
                 del chunk
-            return
+            return False
         for item in iterator:
             if stop[0]:
-                break
+                return False
             if not out.try_put(item):
                 out.put_many([item])
             del item
-        else:
-            exhausted = True
-            out.put_end()
-            return
-    except Closed:
-        pass  # cancelled, or cut off by a take() downstream
+        exhausted = True
+        return True
+    except Cancelled:
+        return False  # cancelled, or cut off by a take() downstream
     except BaseException as exc:
         exhausted = True  # a generator that raised is finished already
-        run.fail(exc, SOURCE_NAME, None, has_item=False)
+        run.fail(exc, scope, SOURCE_NAME, None, has_item=False)
+        return False
     finally:
         try:
             close = getattr(iterator, "close", None)
             if close is not None and not exhausted:
                 close()
         except BaseException as exc:
-            run.fail(exc, SOURCE_NAME, None, has_item=False)
-        finally:
-            run.thread_exited()
+            run.fail(exc, scope, SOURCE_NAME, None, has_item=False)
 
 
 class QueueSource:
@@ -156,29 +179,62 @@ class QueueSource:
         self.q = q
         self.sentinel = sentinel
 
-    def launch(self, out: Channel, state: RunState) -> None:
-        """Start the feeder thread; called by ``Pipeline.start``."""
-        state.thread_started()
-        try:
-            threading.Thread(
-                target=feed,
-                args=(self._items(state), out, state),
-                name=f"threadpipe-{SOURCE_NAME}-0",
-                daemon=True,
-            ).start()
-        except BaseException:
-            state.thread_exited()
-            raise
+    def held(self, first_capacity: int) -> int:
+        """The most items the feeder holds: the one it took from the queue."""
+        return 1
 
-    def _items(self, state: RunState) -> Iterator[Any]:
-        q, sentinel, stop = self.q, self.sentinel, state.stop
-        while not stop[0]:
-            try:
-                # A slice, not a blocking get: a cancel must end this thread even when nothing
-                # ever arrives (ten wake-ups a second cost nothing measurable).
-                item = q.get(timeout=_QUEUE_SLICE)
-            except queue.Empty:
-                continue
+    def launch(self, out: Channel, state: RunState, scope: Scope) -> None:
+        """Start the feeder thread; called by ``Pipeline.start``."""
+        waker = _Waker(self.q)
+        scope.add(waker)
+        start_feeder(self._items(scope), out, state, scope)
+
+    def _items(self, scope: Scope) -> Iterator[Any]:
+        """The items up to the sentinel; nothing is taken from the queue once ``scope`` is cancelled.
+
+        An item taken is in the run: the next run starts after it. So the check that the scope is
+        live and the taking are one step, under a ``queue.Queue``'s own lock, and a cancel (a
+        ``take()`` downstream that has all it needs) wakes the wait through the same lock; no item
+        put after a cancel is ever taken by it. Any other queue (``get(timeout=...)`` only) is read
+        in slices of 0.1 s, checking the flag between them.
+        """
+        q, sentinel, stop = self.q, self.sentinel, scope.cancelled
+        native = isinstance(q, queue.Queue)
+        while True:
+            if native:
+                with q.not_empty:
+                    while not q._qsize() and not stop[0]:
+                        q.not_empty.wait()
+                    if stop[0]:
+                        return
+                    item = q._get()
+                    q.not_full.notify()
+            else:
+                if stop[0]:
+                    return
+                try:
+                    # A slice, not a blocking get: a cancel must end this thread even when
+                    # nothing ever arrives (ten wake-ups a second cost nothing measurable).
+                    item = q.get(timeout=_QUEUE_SLICE)
+                except queue.Empty:
+                    continue
             if item is sentinel:
                 return
             yield item
+            del item
+
+
+class _Waker:
+    """Wakes a feeder waiting on a ``queue.Queue`` when its scope is cancelled.
+
+    The scope's flag is up before this runs, and the feeder reads it under the queue's lock before
+    it waits: so it either sees the flag or is waiting when this notifies, under the same lock.
+    """
+
+    def __init__(self, q: Any) -> None:
+        self.q = q
+
+    def abort(self) -> None:
+        if isinstance(self.q, queue.Queue):
+            with self.q.not_empty:
+                self.q.not_empty.notify_all()

@@ -16,15 +16,17 @@ last one to exit sends it on, so stages close in a cascade.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from time import perf_counter, thread_time
 from typing import TYPE_CHECKING, Any, Final
 
-from ._calls import PLAIN, SKIPPED, CallOptions, RateLimiter, open_resource, wrap
-from ._channel import Channel, Closed
+from ._calls import PLAIN, SKIPPED, CallOptions, RateLimiter, open_resource, wrap, wrap_iter
+from ._channel import Channel
 from ._reorder import Reorder
+from ._scope import Cancelled, Scope
+from ._threads import Crew
 
 if TYPE_CHECKING:
     from ._run import RunState
@@ -39,7 +41,6 @@ __all__ = [
     "TAKE",
     "Stage",
     "StageSpec",
-    "held_bound",
 ]
 
 MAP: Final = "map"
@@ -69,7 +70,6 @@ _FALLBACK: Final[dict[str, Callable[[Any], Any]]] = {
     MAP: lambda item: SKIPPED,
     EACH: lambda item: SKIPPED,
     FILTER: lambda item: False,
-    FLAT_MAP: lambda item: (),
 }
 
 
@@ -118,30 +118,6 @@ class StageSpec:
 
 
 
-def held_bound(spec: StageSpec) -> int:
-    """The most input items a stage holds outside its input buffer (in workers, reorder buffer).
-
-    A worker takes at most its share of the items waiting, rounded up, with the buffer shared among
-    the workers started so far; the ``i``-th worker (from 1) starts when ``i - 1`` already run, so it
-    never holds more than ``ceil(capacity / i)``. An ordered stage's reorder buffer may hold as much
-    again in finished items waiting for their turn.
-
-    A stage on an executor holds at most ``workers`` items (one more for ``"processes"``): one
-    permit per item, returned only when its output is in the next buffer (see ``_executor.py``).
-    """
-    if spec.kind == BATCH:
-        size: int = spec.arg[0]
-        return max(spec.capacity, size)  # a buffer's worth being taken, or one batch
-    if spec.executor is not None:
-        return spec.workers + 1 if spec.executor == "processes" else spec.workers
-    if spec.coroutine:
-        # One permit per item in flight, returned once its outputs are handed on; ordered, the
-        # reorder window lets as many again wait for their turn (see ``_aio.py``).
-        return 2 * spec.workers if spec.reorders else spec.workers
-    held = sum(-(-spec.capacity // i) for i in range(1, spec.workers + 1))
-    return 2 * held if spec.reorders else held
-
-
 def _batch_size(call_seconds: float, limit: int) -> int:
     """How many items to take so the calls take about ``_BATCH_SECONDS``, between 1 and ``limit``."""
     if call_seconds <= 0:
@@ -168,25 +144,29 @@ class Stage:
         spec: what to run.
         inp: the channel the workers read.
         out: the channel the outputs go to.
-        run: the run's shared state (stop flag, error, thread accounting).
+        run: the run's shared state (error, thread accounting).
+        scope: the stage's segment scope: cancelling it stops the workers.
     """
 
-    def __init__(self, spec: StageSpec, inp: Channel, out: Channel, run: RunState) -> None:
+    def __init__(
+        self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
+    ) -> None:
         self.spec = spec
         self.inp = inp
         self.out = out
         self.run = run
-        self.reorder = Reorder(inp, out, held_bound(spec)) if spec.reorders else None
+        self.scope = scope
+        self.reorder: Reorder | None = None
+        if spec.reorders:
+            self.reorder = Reorder(inp, out, self.window(spec))
+            scope.add(self.reorder)
         rate = spec.options.rate
         # One limiter for the stage, shared by its workers: the rate holds however many there are.
-        self.limiter = RateLimiter(rate, run.stopped) if rate is not None else None
+        self.limiter = RateLimiter(rate, scope.event) if rate is not None else None
+        # One entry per worker, each written by its worker only; ``_lock`` guards the list.
         self.counters: list[_Counters] = []
-        # ``_lock`` guards the worker accounting below. ``alive`` and ``spawned`` change together
-        # under it, so the last worker to exit is known exactly and sends the sentinel once.
         self._lock = threading.Lock()
-        self.spawned = 0
-        self.alive = 0
-        self.ended = False
+        self.crew = Crew(spec.name, run, scope, out)
         # Running estimate of seconds per call, shared by the workers (a float store is atomic;
         # a lost update between two workers only delays the estimate by one batch). None until
         # the first batch is measured.
@@ -194,6 +174,35 @@ class Stage:
         if spec.workers > 1:
             # Set before any thread of the run starts, so no put can miss it.
             inp.on_starved = self._grow
+
+    @property
+    def spawned(self) -> int:
+        """Worker threads started so far."""
+        return self.crew.spawned
+
+    @staticmethod
+    def window(spec: StageSpec) -> int:
+        """The most input items the workers hold at once.
+
+        A worker takes at most its share of the items waiting, rounded up, with the buffer shared
+        among the workers started so far; the ``i``-th worker (from 1) starts when ``i - 1``
+        already run, so it never holds more than ``ceil(capacity / i)``.
+        """
+        return sum(-(-spec.capacity // i) for i in range(1, spec.workers + 1))
+
+    @classmethod
+    def held(cls, spec: StageSpec, next_capacity: int) -> int:
+        """The most items the stage holds outside its input buffer: its part of ``buffer_bound()``.
+
+        Its workers' items (``window``); for an ordered stage with several workers, as many again
+        in finished items waiting in the reorder buffer for their turn (an ordered ``flat_map``
+        parks nothing: a worker waits for its turn instead); for a ``flat_map``, at most one
+        output buffer's worth per worker, made and not yet handed on.
+        """
+        held = cls.window(spec)
+        if spec.kind is FLAT_MAP:
+            return held + spec.workers * next_capacity
+        return 2 * held if spec.reorders else held
 
     def start(self) -> None:
         """Start the first worker; the input channel asks for more when items find nobody idle."""
@@ -206,46 +215,20 @@ class Stage:
         was measured slower at 256 workers, because start-ups compete with the running workers
         for the interpreter lock and stretch every call.
         """
-        if self.spawned >= self.spec.workers or self.ended:  # unlocked fast path; rechecked below
+        crew = self.crew
+        if crew.spawned >= self.spec.workers or crew.ended:  # unlocked fast path; rechecked below
             return
         estimate = self.call_seconds
-        if estimate is not None and estimate < _GROW_SECONDS and self.spawned:
+        if estimate is not None and estimate < _GROW_SECONDS and crew.spawned:
             return
+        if crew.start(self._work, limit=self.spec.workers) and crew.spawned >= self.spec.workers:
+            self.inp.on_starved = None  # fully grown: spare the producers the call
+
+    def _work(self, index: int) -> bool:
+        """Worker ``index``'s life: returns whether it saw the end of input."""
+        counters = _Counters()
         with self._lock:
-            if self.spawned >= self.spec.workers or self.ended or self.run.stop[0]:
-                return
-            index = self.spawned
-            self.spawned += 1
-            if self.spawned == self.spec.workers:
-                self.inp.on_starved = None  # fully grown: spare the producers the call
-            self.alive += 1
-            counters = _Counters()
             self.counters.append(counters)
-        self.run.thread_started()
-        thread = threading.Thread(
-            target=self._work,
-            args=(counters, index),
-            name=f"threadpipe-{self.spec.name}-{index}",
-            daemon=True,
-        )
-        try:
-            thread.start()
-        except BaseException:
-            # No thread, so nobody will run _work's exit accounting: undo it here.
-            self._exit(saw_end=False)
-            raise
-
-    def _exit(self, saw_end: bool) -> None:
-        with self._lock:
-            self.alive -= 1
-            last = self.alive == 0
-            if saw_end:
-                self.ended = True
-        if last and saw_end and not self.run.stop[0]:
-            self.out.put_end()
-        self.run.thread_exited()
-
-    def _work(self, counters: _Counters, index: int) -> None:
         spec = self.spec
         fn = spec.fn
         kind = spec.kind
@@ -253,9 +236,11 @@ class Stage:
         get_many = inp.get_many
         options = spec.options
         skipping = options.on_error == "skip"
-        release: Callable[[], None] | None = None
+        release: Callable[[BaseException | None], None] | None = None
         trace = self.run.trace
-        if not options.plain:
+        scope = self.scope
+        stop = scope.cancelled
+        if kind is FLAT_MAP or not options.plain:
             # Built once per worker, with its own resource: the plain path stays ``fn(item)``.
             resource = None
             if options.resource is not None:
@@ -264,39 +249,38 @@ class Stage:
                 except BaseException as exc:
                     exc.add_note(f"threadpipe: raised while making the resource of stage {spec.name!r}")
                     counters.errors += 1
-                    self.run.fail(exc, spec.name, None, has_item=False)
-                    self._exit(False)
-                    return
-            fn = wrap(
-                (lambda item, *res: list(spec.fn(item, *res))) if kind is FLAT_MAP else fn,
+                    self.run.fail(exc, scope, spec.name, None, has_item=False)
+                    return False
+            wrapper = wrap_iter if kind is FLAT_MAP else wrap
+            fn = wrapper(
+                fn,
                 options,
                 stage=spec.name,
                 run=self.run,
+                scope=scope,
                 limiter=self.limiter,
                 resource=resource,
                 counters=counters,
-                fallback=_FALLBACK[kind],
+                fallback=_FALLBACK.get(kind),
             )
         if trace is not None:
             # Chosen once per worker: untraced, the loop below runs the user's function as is.
             fn, get_many = trace.hook(spec.name, index, fn, get_many, kind is FLAT_MAP)
         out = self.out
         reorder = self.reorder
-        stop = self.run.stop
         limit = spec.capacity
         estimate = self.call_seconds
         size = 1 if estimate is None else _batch_size(estimate, limit)
-        saw_end = False
         item: Any = _NO_ITEM
+        failure: BaseException | None = None
         try:
             while True:
-                got = get_many(size, None, self.spawned)
+                got = get_many(size, None, self.crew.spawned)
                 assert got is not None  # no timeout given
                 items, number = got
                 taken = len(items)
                 if not taken:
-                    saw_end = True
-                    return
+                    return True
                 started = perf_counter()
                 # One loop per kind, so the per-item path has no branch on the kind. Each checks
                 # the stop flag before every call: after a cancel the function is never called again.
@@ -305,7 +289,7 @@ class Stage:
                     outputs = []
                     for item in items:
                         if stop[0]:
-                            raise Closed
+                            raise Cancelled
                         outputs.append(fn(item))
                     if skipping:
                         outputs = [output for output in outputs if output is not SKIPPED]
@@ -313,20 +297,20 @@ class Stage:
                     outputs = []
                     for item in items:
                         if stop[0]:
-                            raise Closed
+                            raise Cancelled
                         if fn(item):
                             outputs.append(item)
                 elif kind is EACH and not skipping:
                     for item in items:
                         if stop[0]:
-                            raise Closed
+                            raise Cancelled
                         fn(item)
                     outputs = items
                 elif kind is EACH:
                     outputs = []
                     for item in items:
                         if stop[0]:
-                            raise Closed
+                            raise Cancelled
                         if fn(item) is not SKIPPED:
                             outputs.append(item)
                 else:
@@ -347,46 +331,64 @@ class Stage:
                 elif outputs:
                     out.put_many(outputs)
                 del items, outputs  # hand the references on; a slow consumer keeps no extra copy
-        except Closed:
-            pass
+        except Cancelled:
+            return False
         except BaseException as exc:
             counters.errors += 1
-            self.run.fail(exc, spec.name, item, has_item=item is not _NO_ITEM)
+            failure = exc
+            self.run.fail(exc, scope, spec.name, item, has_item=item is not _NO_ITEM)
+            return False
         finally:
             # Once per thread, not per batch: tells CPU-bound stages from waiting ones after a run.
             counters.cpu_seconds = thread_time()
-            try:
-                if release is not None:
-                    release()  # the worker's resource, also on failure and cancel
-            except BaseException as exc:
-                exc.add_note(f"threadpipe: raised while closing the resource of stage {spec.name!r}")
-                self.run.fail(exc, spec.name, None, has_item=False)
-            finally:
-                self._exit(saw_end)
+            if release is not None:
+                try:
+                    release(failure)  # the worker's resource, also on failure and cancel
+                except BaseException as exc:
+                    exc.add_note(f"threadpipe: raised while closing the resource of stage {spec.name!r}")
+                    self.run.fail(exc, scope, spec.name, None, has_item=False)
+            del failure
 
     def _flat_map(
-        self, fn: Callable[[Any], Any], items: list[Any], number: int, counters: _Counters
+        self, fn: Callable[[Any], Iterator[Any]], items: list[Any], number: int, counters: _Counters
     ) -> list[Any]:
-        """Run a flat_map batch; unordered outputs are streamed on in chunks as they come."""
-        stop = self.run.stop
+        """Run a flat_map batch, output by output; return the outputs not handed on yet.
+
+        The stop flag is read between any two outputs, and at most one output buffer's worth is
+        held: when that much is made, an unordered stage hands it on at once, and an ordered one
+        waits for its turn (every earlier item's outputs out) and then hands it on. Once at the
+        head of the line it stays there until its batch completes, so the order holds.
+        """
+        stop = self.scope.cancelled
         out = self.out
-        stream = self.reorder is None
+        reorder = self.reorder
+        at_head = reorder is None
         chunk = max(1, out.maxsize)
         outputs: list[Any] = []
         for item in items:
             if stop[0]:
-                raise Closed
+                raise Cancelled
+            results = fn(item)
             try:
-                for result in fn(item):
+                for result in results:
                     outputs.append(result)
-                    if stream and len(outputs) >= chunk:
+                    if len(outputs) >= chunk:
+                        if not at_head:
+                            assert reorder is not None
+                            reorder.wait_turn(number)
+                            at_head = True
                         counters.items_out += len(outputs)
                         out.put_many(outputs)
                         outputs = []
-            except Closed:
-                raise
-            except BaseException as exc:
-                counters.errors += 1
-                self.run.fail(exc, self.spec.name, item)
-                raise Closed from None
+                    if stop[0]:
+                        raise Cancelled
+            finally:
+                close = getattr(results, "close", None)
+                if close is not None:
+                    close()  # the user's generator's finally blocks run now, in this thread
+        if not at_head:
+            assert reorder is not None
+            # Parking a flat_map's outputs would hold up to a window of items' outputs each:
+            # wait for the turn instead, so the stage holds one buffer's worth per worker.
+            reorder.wait_turn(number)
         return outputs
