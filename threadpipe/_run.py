@@ -470,6 +470,8 @@ class Run(Generic[T]):
 
         Each has ``.stage``, ``.item`` and ``.exception`` (the exception itself, with its note).
         At most ``MAX_ITEM_ERRORS`` (10,000) are kept; the stage's ``errors`` count has them all.
+        The cap counts failures, not bytes: each keeps its item and exception alive, so 10,000
+        failures over large items hold 10,000 large items.
         """
         with self._state._lock:
             return list(self._state.errors)
@@ -576,7 +578,15 @@ class Run(Generic[T]):
         stats = self.stats()
         monitor = self._monitor
         samples = None if monitor is None else monitor.samples()
-        return render_report(stats, self._state, self._output, samples, monitor is not None)
+        report = render_report(stats, self._state, self._output, samples, monitor is not None)
+        failure = None if monitor is None else monitor.failure
+        if failure is not None:
+            # Monitoring never fails a run, but a report resting on samples that stopped must say so.
+            report += (
+                f"\nnote: the monitor stopped early ({type(failure).__name__}: {failure}); "
+                "buffer and resource figures cover the run only up to then"
+            )
+        return report
 
     def _tracer(self) -> Tracer:
         tracer = self._state.trace
