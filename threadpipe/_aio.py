@@ -315,12 +315,9 @@ class CoroutineStage:
     @classmethod
     def held(cls, spec: StageSpec, next_capacity: int) -> int:
         """One permit per item in flight, returned once its outputs are handed on; ordered, the
-        reorder window lets as many again wait for their turn. A ``flat_map`` call holds at most
-        one output buffer's worth of its outputs before it waits for them to be handed on."""
-        held = 2 * spec.workers if spec.reorders else spec.workers
-        if spec.kind == "flat_map":
-            held += spec.workers * next_capacity
-        return held
+        reorder window lets as many again wait for their turn. (A ``flat_map`` call's outputs are
+        collected before they are handed on: they count as the one item they came from.)"""
+        return 2 * spec.workers if spec.reorders else spec.workers
 
     def __repr__(self) -> str:
         return (
