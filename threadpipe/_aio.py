@@ -49,7 +49,7 @@ from ._errors import SourceConsumedError, describe
 from ._reorder import Reorder
 from ._scope import Cancelled, Scope
 from ._source import SOURCE_NAME
-from ._stage import EACH, FILTER, MAP, StageSpec, _Counters
+from ._stage import EACH, FILTER, MAP, Runtime, StageSpec, _Counters
 from ._threads import Crew
 
 from ._run import _raise_stopped
@@ -246,7 +246,7 @@ def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
 # ---------------------------------------------------------------------------------- coroutine stage
 
 
-class CoroutineStage:
+class CoroutineStage(Runtime):
     """One coroutine stage of a run: the taker and emitter threads, and the tasks on the run's loop.
 
     It has the interface of :class:`~threadpipe._stage.Stage` that a run and its statistics use:
@@ -272,23 +272,15 @@ class CoroutineStage:
         scope: Scope,
         aio: LoopThread,
     ) -> None:
-        self.spec = spec
-        self.inp = inp
-        self.out = out
-        self.run = run
-        self.scope = scope
+        # The taker and the emitter; the last one out releases the loop.
+        super().__init__(spec, inp, out, run, scope, on_last=aio.release)
         self.aio = aio
-        self.reorder: Reorder | None = None
         if spec.reorders:
             self.reorder = Reorder(inp, out, 2 * spec.workers)
             scope.add(self.reorder)
-        # The taker and the emitter; the last one out releases the loop.
-        self.crew = Crew(spec.name, run, scope, out, on_last=aio.release)
         # One set of counters, written by the loop thread only (each call adds itself on return).
-        self.counters: list[_Counters] = [_Counters()]
-        # The most coroutines that were in flight at once so far (``workers`` is the limit). The
-        # statistics read it where a thread stage reports the threads it started.
-        self.spawned = 0
+        # The most coroutines that were in flight at once so far (``workers`` is the limit).
+        self.peak = 0
         # Lock discipline: ``_lock`` guards the fields below. It is only ever held for bookkeeping,
         # never across a channel operation, a loop call or ``run.fail`` (which calls ``abort``,
         # which takes it). The loop thread takes it too, so it must never be held for long.
@@ -450,7 +442,7 @@ class CoroutineStage:
         for offset, item in enumerate(items):
             tasks[number + offset] = loop.create_task(self._call(number + offset, item))
         self._running += len(items)
-        self.spawned = max(self.spawned, self._running)
+        self.peak = max(self._running, self.peak or 0)
 
     async def _call(self, number: int, item: Any) -> None:
         # Every task's outcome is accounted for without a done-callback (which would cost a loop

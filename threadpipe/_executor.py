@@ -45,8 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ._channel import Channel
 from ._errors import describe
 from ._scope import Cancelled, Scope
-from ._stage import EACH, FILTER, FLAT_MAP, MAP, StageSpec, _Counters
-from ._threads import Crew
+from ._stage import EACH, FILTER, FLAT_MAP, MAP, Runtime, StageSpec, _Counters
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -173,7 +172,7 @@ class _Call:
         self.ready = False
 
 
-class ExecutorStage:
+class ExecutorStage(Runtime):
     """One stage of a run whose calls go to an executor: its two threads and its futures.
 
     It has the interface of :class:`~threadpipe._stage.Stage` that a run and its statistics use:
@@ -191,12 +190,7 @@ class ExecutorStage:
     def __init__(
         self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
     ) -> None:
-        self.spec = spec
-        self.inp = inp
-        self.out = out
-        self.run = run
-        self.scope = scope
-        self.crew = Crew(spec.name, run, scope, out, on_last=self._last_out)
+        super().__init__(spec, inp, out, run, scope, on_last=self._last_out)
         # One set of counters, written by the collector alone as it hands calls on: items_in counts
         # the items whose calls have returned (the statistics' in-flight count is the input
         # buffer's ``taken`` minus this), busy_seconds the seconds each call spent between its
@@ -218,6 +212,7 @@ class ExecutorStage:
         self._held = 0  # permits in use: items taken from the input and not yet handed on
         self._dispatching = True
         self._input_ended = False
+        self.peak = 0  # the most calls submitted and not yet handed on, at once
         scope.add(self)
 
     @classmethod
@@ -227,10 +222,6 @@ class ExecutorStage:
         call ran: they count as the one item they came from.)"""
         return permits(spec)
 
-    @property
-    def spawned(self) -> int:
-        """Threads started: the dispatcher and the collector."""
-        return self.crew.spawned
 
     def __repr__(self) -> str:
         return f"<ExecutorStage {self.spec.name!r} on {describe(self.spec.executor)}>"
@@ -356,6 +347,7 @@ class ExecutorStage:
                 # zero while some of these items are still on their way to the executor.
                 with self._lock:
                     self._held += len(items)
+                    self.peak = max(self._held, self.peak or 0)
                 for item in items:
                     if stop[0]:
                         raise Cancelled

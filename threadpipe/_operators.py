@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._channel import Channel
 from ._scope import Cancelled, Scope
-from ._stage import BATCH, PIPE, TAKE, _Counters
-from ._threads import Crew
+from ._stage import BATCH, PIPE, TAKE, Runtime
 
 if TYPE_CHECKING:
     from ._run import RunState
@@ -30,43 +29,13 @@ __all__ = ["BATCH", "OPERATOR_KINDS", "PIPE", "TAKE", "BatchStage", "PipeStage",
 OPERATOR_KINDS: Final = frozenset({PIPE, BATCH, TAKE})
 
 
-class _OneThreadStage:
+class _OneThreadStage(Runtime):
     """The common frame of the operators: one thread, started at once, sending the end on.
 
     Subclasses implement :meth:`_body`, which returns True if the input ended (the end is then
-    sent on) and False if it stopped otherwise.
-
-    Args:
-        spec: what to run (``workers`` is 1).
-        inp: the channel the stage reads.
-        out: the channel its outputs go to.
-        run: the run's shared state.
-        scope: the stage's segment scope; the segments before it are what it can cut off.
+    sent on) and False if it stopped otherwise. The segments before the stage's own are what it
+    can cut off.
     """
-
-    reorder = None  # the interface of thread stages: never reorders, one thread keeps the order
-
-    def __init__(
-        self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
-    ) -> None:
-        self.spec = spec
-        self.inp = inp
-        self.out = out
-        self.run = run
-        self.scope = scope
-        self.counters = [_Counters()]
-        self.crew = Crew(spec.name, run, scope, out)
-        self.call_seconds: float | None = None
-
-    @classmethod
-    def held(cls, spec: StageSpec, next_capacity: int) -> int:
-        """The most items the stage holds outside its input buffer: one batch it took."""
-        return spec.capacity
-
-    @property
-    def spawned(self) -> int:
-        """Threads started: 1 once running."""
-        return self.crew.spawned
 
     def start(self) -> None:
         """Start the stage's thread."""

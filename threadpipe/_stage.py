@@ -41,6 +41,7 @@ __all__ = [
     "TAKE",
     "Stage",
     "StageSpec",
+    "Runtime",
 ]
 
 MAP: Final = "map"
@@ -137,7 +138,68 @@ class _Counters:
     cpu_seconds: float | None = None  # the worker thread's CPU time, set as it exits
 
 
-class Stage:
+class Runtime:
+    """The stage protocol: what every kind of stage is in a run, and what a run asks of it.
+
+    The thread pool (:class:`Stage`), the one-thread operators, the executor and coroutine stages
+    all derive from it. A runtime reads ``inp``, writes ``out``, belongs to a segment ``scope``
+    (cancelling it stops the stage), starts its threads through its ``crew`` (which sends the end
+    on when the last one exits), keeps ``counters`` that statistics sum, and declares with
+    :meth:`held` how many items it may hold, its part of ``Pipeline.buffer_bound()``.
+
+    Args:
+        spec: what to run.
+        inp: the channel the stage reads.
+        out: the channel the outputs go to.
+        run: the run's shared state (error, thread accounting).
+        scope: the stage's segment scope.
+        on_last: called by the stage's last thread out (see :class:`~threadpipe._threads.Crew`).
+    """
+
+    reorder: Reorder | None = None
+
+    def __init__(
+        self,
+        spec: StageSpec,
+        inp: Channel,
+        out: Channel,
+        run: RunState,
+        scope: Scope,
+        on_last: Callable[[], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.inp = inp
+        self.out = out
+        self.run = run
+        self.scope = scope
+        self.counters: list[_Counters] = [_Counters()]
+        self.crew = Crew(spec.name, run, scope, out, on_last)
+        self.call_seconds: float | None = None
+        # The most calls in flight at once, for stages whose calls do not run one per thread
+        # (coroutines, executor calls); None where each thread makes one call at a time.
+        self.peak: int | None = None
+
+    @classmethod
+    def held(cls, spec: StageSpec, next_capacity: int) -> int:
+        """The most items the stage holds outside its input buffer (default: one batch taken)."""
+        return spec.capacity
+
+    @property
+    def spawned(self) -> int:
+        """Threads started so far."""
+        return self.crew.spawned
+
+    @property
+    def concurrency(self) -> int:
+        """The most calls in flight at once so far."""
+        return self.crew.spawned if self.peak is None else self.peak
+
+    def start(self) -> None:
+        """Start the stage's threads."""
+        raise NotImplementedError
+
+
+class Stage(Runtime):
     """One stage of a run: its workers, their counters, and the channels around them.
 
     Args:
@@ -151,12 +213,7 @@ class Stage:
     def __init__(
         self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
     ) -> None:
-        self.spec = spec
-        self.inp = inp
-        self.out = out
-        self.run = run
-        self.scope = scope
-        self.reorder: Reorder | None = None
+        super().__init__(spec, inp, out, run, scope)
         if spec.reorders:
             self.reorder = Reorder(inp, out, self.window(spec))
             scope.add(self.reorder)
@@ -164,21 +221,14 @@ class Stage:
         # One limiter for the stage, shared by its workers: the rate holds however many there are.
         self.limiter = RateLimiter(rate, scope.event) if rate is not None else None
         # One entry per worker, each written by its worker only; ``_lock`` guards the list.
-        self.counters: list[_Counters] = []
+        self.counters = []
         self._lock = threading.Lock()
-        self.crew = Crew(spec.name, run, scope, out)
-        # Running estimate of seconds per call, shared by the workers (a float store is atomic;
-        # a lost update between two workers only delays the estimate by one batch). None until
-        # the first batch is measured.
-        self.call_seconds: float | None = None
+        # ``call_seconds``: the running estimate of seconds per call, shared by the workers (a
+        # float store is atomic; a lost update between two workers only delays the estimate by
+        # one batch). None until the first batch is measured.
         if spec.workers > 1:
             # Set before any thread of the run starts, so no put can miss it.
             inp.on_starved = self._grow
-
-    @property
-    def spawned(self) -> int:
-        """Worker threads started so far."""
-        return self.crew.spawned
 
     @staticmethod
     def window(spec: StageSpec) -> int:

@@ -80,7 +80,8 @@ class StageStats:
         name: the stage's name.
         kind: ``map``, ``filter``, ``flat_map`` or ``each``.
         workers: the most threads the stage may run (the ``workers=`` it was built with).
-        spawned: the threads started so far (workers start as the load calls for them).
+        spawned: the threads started so far (workers start as the load calls for them; a
+            coroutine or executor stage runs two, an operator one).
         items_in: input items whose calls have returned.
         items_out: items the stage has produced (for an ordered stage, some may still wait in its
             reorder buffer for their turn).
@@ -98,6 +99,8 @@ class StageStats:
         queue_size: items in the stage's input buffer now.
         queue_capacity: the input buffer's capacity.
         dropped: items the input buffer let go because it is a relief valve (0 otherwise).
+        concurrency: the most calls that were in flight at once so far: a thread stage's
+            started workers, a coroutine stage's coroutines, an executor stage's submitted calls.
     """
 
     name: str
@@ -114,6 +117,7 @@ class StageStats:
     queue_size: int
     queue_capacity: int
     dropped: int = 0
+    concurrency: int = 0
 
     @property
     def seconds_per_item(self) -> float | None:
@@ -255,6 +259,7 @@ def snapshot(stages: Sequence[Any], clock: Clock) -> tuple[StageStats, ...]:
                 queue_size=fill(inp),
                 queue_capacity=inp.maxsize,
                 dropped=getattr(inp, "dropped", 0),
+                concurrency=stage.concurrency,
             )
         )
     return tuple(result)
