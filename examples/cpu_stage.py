@@ -12,7 +12,7 @@ pure-Python FNV-1a, format the digest) over 120 items, run three ways: the hash 
 hash here, and after each executor run whether its digests equal the threads' in order. The
 cluster's start-up (about 2 s) is not in its timing but is in the script's runtime.
 
-    python examples/cpu_stage.py             # under 15 s (about 6 s on 2 cores)
+    python examples/cpu_stage.py             # about 6 s on 2 idle cores; under 15 s
     python examples/cpu_stage.py --items 40  # fewer items
 
 The Dask part needs ``pip install "threadpipe[dask]"``; without it, it is skipped.

@@ -140,17 +140,19 @@ def test_cpu_stage_gives_the_same_digests_on_threads_processes_and_dask() -> Non
 
 
 @pytest.mark.timeout(120)
-def test_cpu_stage_by_default_finishes_within_the_time_its_docstring_states() -> None:
+def test_cpu_stage_by_default_takes_about_the_time_its_docstring_states() -> None:
     pytest.importorskip("distributed")
     stated = re.search(
-        r"python examples/cpu_stage\.py +# under (\d+) s", (EXAMPLES / "cpu_stage.py").read_text()
+        r"python examples/cpu_stage\.py +# about (\d+) s on 2 idle cores; under (\d+) s",
+        (EXAMPLES / "cpu_stage.py").read_text(),
     )
     assert stated is not None, "the docstring states no time for the default run"
     start = time.monotonic()
     lines = check_ok(run_example("cpu_stage.py", timeout=100))
     seconds = time.monotonic() - start
-    # The stated bound is 2-3x what a 2-core machine takes: a loose bound, not a benchmark.
-    assert seconds < int(stated[1]), (seconds, lines)
+    # A loose bound (5x the typical time, as for any timing in a test: the machine may be busy),
+    # to catch a default run that has grown, not to benchmark.
+    assert seconds < 5 * int(stated[1]), (seconds, lines)
     assert "dask gives the same digests, in order: yes" in lines
 
 
