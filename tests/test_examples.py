@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from types import ModuleType
@@ -129,11 +130,29 @@ def test_downscale_matches_the_reference(width: int, height: int) -> None:
 def test_cpu_stage_gives_the_same_digests_on_threads_processes_and_dask() -> None:
     pytest.importorskip("distributed")
     lines = check_ok(run_example("cpu_stage.py", "--items", "40", timeout=100))
+    assert re.fullmatch(r"hashing 40 blocks of 60,000 bytes, [\d.]+ ms each in this process", lines[0])
     for label in ("threads", "processes", "dask"):
         assert any(
             re.fullmatch(rf"{label}: +40 items in +[\d.]+ s = +[\d.]+ items/s", line) for line in lines
         ), (label, lines)
     assert "processes give the same digests, in order: yes" in lines
+    assert "dask gives the same digests, in order: yes" in lines
+
+
+@pytest.mark.timeout(120)
+def test_cpu_stage_by_default_takes_about_the_time_its_docstring_states() -> None:
+    pytest.importorskip("distributed")
+    stated = re.search(
+        r"python examples/cpu_stage\.py +# about (\d+) s on 2 idle cores; under (\d+) s",
+        (EXAMPLES / "cpu_stage.py").read_text(),
+    )
+    assert stated is not None, "the docstring states no time for the default run"
+    start = time.monotonic()
+    lines = check_ok(run_example("cpu_stage.py", timeout=100))
+    seconds = time.monotonic() - start
+    # A loose bound (5x the typical time, as for any timing in a test: the machine may be busy),
+    # to catch a default run that has grown, not to benchmark.
+    assert seconds < 5 * int(stated[1]), (seconds, lines)
     assert "dask gives the same digests, in order: yes" in lines
 
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
+import os
 import re
+import select
+import struct
+import subprocess
+import sys
+import termios
 import threading
 import time
+from pathlib import Path
 
+import pyte
 import pytest
 from tqdm import tqdm
 
@@ -163,3 +173,186 @@ def test_progress_true_draws_on_stderr(capsys: pytest.CaptureFixture[str]) -> No
     assert Pipeline.from_iter(range(3)).map(str, name="stringify").run(progress=True) == 3
     captured = capsys.readouterr()
     assert "stringify" in captured.err and "3/3" in captured.err and captured.out == ""
+
+
+class QuietBar(tqdm):  # type: ignore[type-arg]
+    """A user's bar that starts no tqdm monitor thread (it would outlive the test)."""
+
+    monitor_interval = 0
+
+
+@pytest.mark.parametrize("stages, first_line", [(1, 1), (2, 3)])
+def test_the_stack_goes_on_the_first_free_lines_it_fits_in(stages: int, first_line: int) -> None:
+    # Bars open on lines 0 and 2: one stage bar fits in the gap on line 1, two go below line 2.
+    sink = io.StringIO()
+    release = threading.Event()
+    with (
+        QuietBar(total=1, file=sink, position=0, desc="top"),
+        QuietBar(total=1, file=sink, position=2, desc="third"),
+    ):
+        p = Pipeline.from_iter([1]).map(lambda x: release.wait(10) and x, name="s0")
+        for i in range(1, stages):
+            p = p.map(str, name=f"s{i}")
+        run = p.start(progress={"file": sink})
+        try:
+            lines = {
+                bar.desc.strip(): abs(bar.pos)
+                for bar in list(tqdm._instances)  # type: ignore[attr-defined]
+                if bar.desc.startswith("s")
+            }
+        finally:
+            release.set()
+        assert len(list(run)) == 1
+    assert lines == {f"s{i}": first_line + i for i in range(stages)}
+
+
+# --- Bars on a real terminal: a child process under a pseudo-terminal, replayed through pyte ---
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS, ROWS = 100, 24
+
+# The child's first call of each run waits until the run's monitor has refreshed the stage bars
+# once (their postfix, "in flight ...", reaches the terminal), so that every run shows bars that
+# are being refreshed from the monitor thread. An event gates it; nothing waits on time.
+GATE = """
+import sys, threading
+from tqdm import tqdm
+import threadpipe as tp
+
+refreshed = threading.Event()
+
+class Watched:
+    def __init__(self, stream):
+        self._stream = stream
+    def write(self, text):
+        if "in flight" in text:
+            refreshed.set()
+        return self._stream.write(text)
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+sys.stderr = Watched(sys.stderr)
+
+def square(x):
+    if x % 1000 == 0:
+        assert refreshed.wait(10), "the monitor did not refresh the bars"
+    return x * x
+"""
+
+# An outer tqdm bar over parts, and a pipeline run with bars for each part: the pattern of
+# `for part in tqdm(parts): pipeline.run(progress=True)`.
+NESTED_IN_A_LOOP = (
+    GATE
+    + """
+for part in tqdm(range(4), desc="OUTER", mininterval=0):
+    refreshed.clear()
+    p = (tp.Pipeline.from_iter(range(part * 1000, part * 1000 + 30))
+         .map(square, workers=2)
+         .filter(lambda x: x % 3 == 0, name="thirds"))
+    assert p.run(progress=True) == 10
+print("done")
+"""
+)
+
+# A user's own bar, made before start(), updated from the caller's loop while the stage bars draw.
+USER_BAR_FIRST = (
+    GATE
+    + """
+bar = tqdm(total=60, desc="OUTER", mininterval=0)
+run = tp.Pipeline.from_iter(range(60)).map(square).map(str, name="thirds").start(progress=True)
+for _ in run:
+    bar.update()
+run.join(10)
+bar.close()
+print("done")
+"""
+)
+
+
+def run_in_a_terminal(script: str, timeout: float = 30) -> bytes:
+    """Run ``python -c script`` with its stdin, stdout and stderr on a pseudo-terminal.
+
+    Returns:
+        Every byte the child wrote to the terminal, in order.
+    """
+    master, slave = os.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+        pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": pythonpath, "PYTHONIOENCODING": "utf-8"}
+        env.pop("COLUMNS", None)
+        env.pop("LINES", None)
+        proc = subprocess.Popen(
+            [sys.executable, "-W", "error", "-c", script],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
+    finally:
+        os.close(slave)
+    output = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"the child did not finish in {timeout} s; it wrote:\n{output!r}"
+            ready, _, _ = select.select([master], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError as exc:  # EIO: every copy of the terminal's other end is closed
+                if exc.errno != errno.EIO:
+                    raise
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, bytes(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return bytes(output)
+
+
+def frames(output: bytes) -> list[list[str]]:
+    """The screen after each complete bar drawing: tqdm starts every drawing with a carriage
+    return, so the screen just before each ``\\r`` (and at the end) is one frame. Splitting on the
+    bytes, not on how the reads happened to arrive, keeps the frames the same from run to run."""
+    screen = pyte.Screen(COLUMNS, ROWS)
+    stream = pyte.ByteStream(screen)
+    shots = []
+    start = 0
+    for end in [i for i, byte in enumerate(output) if byte == ord("\r")] + [len(output)]:
+        stream.feed(output[start:end])
+        shots.append([line.rstrip() for line in screen.display])
+        start = end
+    return shots
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "script", [NESTED_IN_A_LOOP, USER_BAR_FIRST], ids=["run-in-a-tqdm-loop", "user-bar-first"]
+)
+def test_stage_bars_go_below_open_bars_and_never_hide_them(script: str) -> None:
+    shots = frames(run_in_a_terminal(script))
+    first = next(i for i, shot in enumerate(shots) if shot[0].startswith("OUTER"))
+    hidden = [i for i, shot in enumerate(shots[first:], first) if not shot[0].startswith("OUTER")]
+    assert not hidden, (
+        f"the outer bar is missing from line 0 in {len(hidden)} of {len(shots) - first} frames; "
+        f"the first such frame:\n" + "\n".join(shots[hidden[0]])
+    )
+    # The stage bars were drawn right below it, refreshed by the monitor, and never on its line.
+    assert any(
+        shot[1].startswith("square") and shot[2].startswith("thirds") and "in flight" in shot[1]
+        for shot in shots
+    ), "\n".join(shots[-1])
+    assert not any(shot[0].startswith(("square", "thirds")) for shot in shots)
+    final = shots[-1]
+    assert re.match(r"OUTER: 100%\|.*\| (4/4|60/60) ", final[0]), final[0]
+    # Below other bars the stage bars are cleared when their run ends, so the screen ends clean.
+    assert final[1] == "done" and not any(final[2:]), "\n".join(final)

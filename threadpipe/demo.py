@@ -17,7 +17,7 @@ import argparse
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ._pipeline import Pipeline
 
@@ -77,6 +77,76 @@ def build(items: int, latency: float, downloaders: int, uploaders: int) -> Pipel
     )
 
 
+# The --help text: plain words, not the module docstring's reST (argparse prints it verbatim).
+_DESCRIPTION = "See a pipeline work: run three stages with bars, then report."
+_EPILOG = """\
+The job: download photos, make thumbnails, upload them. Nothing leaves the
+machine: downloads and uploads are sleeps, thumbnails are real work. Uploads
+have the fewest threads, so they are the bottleneck, and the report at the
+end says so and what to try.
+
+examples:
+  python -m threadpipe.demo                # 500 photos, about 6 s
+  python -m threadpipe.demo --uploaders 6  # take the report's advice
+  python -m threadpipe.demo --items 60 --timeline tl.png --trace trace.json
+"""
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type=``: an int >= ``minimum``, else a usage error naming the option."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse ``type=``: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m threadpipe.demo",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--items", type=_int_at_least(0), default=500, help="photos to process (default 500)"
+    )
+    parser.add_argument(
+        "--latency", type=_seconds, default=0.04, help="seconds per download (default 0.04)"
+    )
+    parser.add_argument(
+        "--downloaders", type=_int_at_least(1), default=8, help="download threads (default 8)"
+    )
+    parser.add_argument(
+        "--uploaders", type=_int_at_least(1), default=2, help="upload threads (default 2)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no bars (still sampled)")
+    parser.add_argument("--trace", metavar="PATH", help="write a Chrome trace (Perfetto) here")
+    parser.add_argument(
+        "--timeline",
+        metavar="PATH",
+        help="draw the timeline here (needs matplotlib: pip install 'threadpipe[plot]')",
+    )
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return the exit status.
 
@@ -85,22 +155,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0.
+
+    Raises:
+        SystemExit: a bad option (status 2, with the usage and a message naming the option), or
+            ``--timeline`` without matplotlib (status 2, before the run starts), or ``--help``.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m threadpipe.demo", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--items", type=int, default=500, help="photos to process (default 500)")
-    parser.add_argument(
-        "--latency", type=float, default=0.04, help="seconds per download (default 0.04)"
-    )
-    parser.add_argument("--downloaders", type=int, default=8, help="download threads (default 8)")
-    parser.add_argument("--uploaders", type=int, default=2, help="upload threads (default 2)")
-    parser.add_argument("--no-progress", action="store_true", help="no bars (still sampled)")
-    parser.add_argument("--trace", metavar="PATH", help="write a Chrome trace (Perfetto) here")
-    parser.add_argument(
-        "--timeline", metavar="PATH", help="draw the timeline here (needs matplotlib)"
-    )
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.timeline:
+        # Fail now, not after a run of several seconds whose timeline could not be drawn.
+        try:
+            import matplotlib.figure  # noqa: F401
+        except ImportError:
+            parser.error(
+                "--timeline needs matplotlib, which is not installed: "
+                "pip install 'threadpipe[plot]'"
+            )
 
     pipeline = build(args.items, args.latency, args.downloaders, args.uploaders)
     traced = bool(args.trace or args.timeline)
@@ -113,7 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with pipeline.start(progress=progress, monitor=True, trace=traced) as run:
         uploaded = sum(1 for _ in run)
     print(f"uploaded {uploaded} thumbnails\n")
-    print(run.report())
+    if args.items:
+        print(run.report())
+    else:
+        # The report would call the bottleneck "not known yet": with no photos there is none.
+        print("no photos, so no stage did any work and there is no bottleneck to report")
     if args.trace:
         run.save_trace(args.trace)
         print(f"\ntrace written to {args.trace} (open it in https://ui.perfetto.dev)")
