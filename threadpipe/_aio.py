@@ -49,7 +49,7 @@ from ._errors import SourceConsumedError, describe
 from ._reorder import Reorder
 from ._scope import Cancelled, Scope
 from ._source import SOURCE_NAME
-from ._stage import EACH, FILTER, MAP, Runtime, StageSpec, _Counters
+from ._stage import EACH, FILTER, MAP, Runtime, StageSpec
 from ._threads import Crew
 
 from ._run import _raise_stopped
@@ -500,7 +500,7 @@ class CoroutineStage(Runtime):
             if self._limiter is not None:
                 # As a thread's wait (``RateLimiter.wait``), sleeping on the loop between claims.
                 while (delay := self._limiter.claim()) > 0:
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(delay)  # noqa: ASYNC110  # a clock, not an event
             try:
                 return await self._timed(item)
             except asyncio.CancelledError:
