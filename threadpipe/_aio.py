@@ -498,9 +498,10 @@ class CoroutineStage(Runtime):
         attempt = 0
         while True:
             if self._limiter is not None:
-                # As a thread's wait (``RateLimiter.wait``), sleeping on the loop between claims.
-                while (delay := self._limiter.claim()) > 0:
-                    await asyncio.sleep(delay)  # noqa: ASYNC110  # a clock, not an event
+                # As a thread's wait (``RateLimiter.wait``), sleeping on the loop between claims:
+                # what it waits for is a clock, not an event.
+                while (delay := self._limiter.claim()) > 0:  # noqa: ASYNC110
+                    await asyncio.sleep(delay)
             try:
                 return await self._timed(item)
             except asyncio.CancelledError:
