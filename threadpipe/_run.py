@@ -645,3 +645,6 @@ class Run(Generic[T]):
             if error is not exc:
                 # The block's own exception propagates; keep the stage's failure visible on it.
                 exc.add_note(f"threadpipe: the run also failed with {type(error).__name__}: {error}")
+            # ``join()`` raised the very exception the block raised, whose traceback now holds
+            # this frame: holding it here too would make a cycle.
+            del exc
