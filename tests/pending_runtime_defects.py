@@ -745,7 +745,7 @@ class _Hanging:
         if x < self.fast:
             return x
         try:
-            while not self.released.is_set():  # "forever", in slices the test can end
+            while not self.released.is_set():  # noqa: ASYNC110  # "forever", in slices
                 await asyncio.sleep(0.005)
         except asyncio.CancelledError:
             with self.lock:
