@@ -963,7 +963,7 @@ class _Late:
         if x == 0:
             self.entered.set()
             try:
-                while not self.release.is_set():
+                while not self.release.is_set():  # noqa: ASYNC110
                     await asyncio.sleep(0.005)
             except asyncio.CancelledError:
                 raise self.error from None  # the coroutine turns its cancel into a failure
@@ -1027,7 +1027,7 @@ class _Wrapping:
 
     def __call__(self, items: Iterator[int]) -> Iterator[int]:
         try:
-            for x in items:
+            for x in items:  # noqa: UP028  # a plain loop: exceptions thrown in land here
                 yield x
         except Exception as e:
             self.caught.append(e)
