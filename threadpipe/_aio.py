@@ -451,6 +451,10 @@ class CoroutineStage(Runtime):
         # nothing escapes into the loop.
         started = perf_counter()
         try:
+            # A task starts on the loop's next turn: the stage may have been cut off since it was
+            # made (a take() downstream has all it needs). No call starts after a cancel.
+            if self.scope.cancelled[0]:
+                return
             try:
                 if self._plain_map:  # the common case, one coroutine frame fewer
                     outputs = [await self.spec.fn(item)]

@@ -8,6 +8,7 @@ closure over its own resource and the stage's shared rate limiter.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from time import monotonic
@@ -285,6 +286,7 @@ def wrap(
     policy = options.on_error
     stopped = scope.event
     has_resource = options.resource is not None
+    state = _weak(run)
 
     def call(item: Any) -> Any:
         attempt = 0
@@ -302,7 +304,9 @@ def wrap(
                 if policy == "raise" or not isinstance(error, Exception):
                     raise
                 failure = error
-            return handle(failure, item, options, stage=stage, run=run, counters=counters, fallback=fallback)
+            return handle(
+                failure, item, options, stage=stage, run=state(), counters=counters, fallback=fallback
+            )
 
     return call
 
@@ -339,36 +343,80 @@ def wrap_iter(
     policy = options.on_error
     stopped = scope.event
     has_resource = options.resource is not None
+    state = _weak(run)
+
+    def policy_for(failure: Exception, item: Any) -> Iterator[Any]:
+        replacement = handle(
+            failure, item, options, stage=stage, run=state(), counters=counters, fallback=_nothing
+        )
+        return iter(replacement)
 
     def call(item: Any) -> Iterator[Any]:
+        # A plain function, not a generator: the call itself (up to the first output) runs here,
+        # so an exception it raises, StopIteration included, leaves as itself (inside a generator,
+        # PEP 479 would turn a StopIteration into a RuntimeError of the library's making).
         attempt = 0
         while True:
             if limiter is not None:
                 limiter.wait()
-            produced = False
             try:
-                for output in fn(item, resource) if has_resource else fn(item):
-                    produced = True
-                    yield output
-                return
-            except GeneratorExit:
-                raise  # the consumer stopped reading (a cancel): not a failure
+                results = iter(fn(item, resource) if has_resource else fn(item))
+                first = next(results, _NOTHING)
             except BaseException as error:
-                if not produced and attempt < retries and isinstance(error, retry_on):
+                if attempt < retries and isinstance(error, retry_on):
                     attempt += 1
                     if stopped.wait(backoff(options, attempt)):
                         raise Cancelled from None
                     continue
                 if policy == "raise" or not isinstance(error, Exception):
                     raise
-                failure = error
-            replacement = handle(
-                failure, item, options, stage=stage, run=run, counters=counters, fallback=_nothing
-            )
-            yield from replacement
+                return policy_for(error, item)
+            if first is _NOTHING:
+                return iter(())
+            return rest(first, results, item)
+
+    def rest(first: Any, results: Iterator[Any], item: Any) -> Iterator[Any]:
+        # The outputs after the first: a failure here is final (what was yielded stays).
+        try:
+            yield first
+            del first
+            for output in results:
+                yield output
+        except GeneratorExit:
+            raise  # the consumer stopped reading (a cancel): not a failure
+        except BaseException as error:
+            if policy == "raise" or not isinstance(error, Exception):
+                raise
+            failure = error
+        else:
             return
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()  # the user's generator's finally blocks run now, in this thread
+        yield from policy_for(failure, item)
 
     return call
+
+
+_NOTHING: Final = object()
+
+
+def _weak(run: RunState) -> Callable[[], RunState]:
+    """The run, through a weak reference, for a closure that must not hold it.
+
+    A failed call's traceback keeps the closure's frame, and the frame keeps the closure: were it
+    to hold the run, which holds the failure, a failed run would be freed only by the garbage
+    collector. The worker that calls the closure holds the run while it does.
+    """
+    ref = weakref.ref(run)
+
+    def get() -> RunState:
+        state = ref()
+        assert state is not None  # the worker calling this holds the run
+        return state
+
+    return get
 
 
 def _nothing(item: Any) -> tuple[()]:

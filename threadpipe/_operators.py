@@ -125,11 +125,14 @@ class PipeStage(_OneThreadStage):
 
     @classmethod
     def held(cls, spec: StageSpec, next_capacity: int) -> int:
-        """One batch of inputs taken, and up to one output buffer's worth made, not handed on.
+        """One batch of inputs taken (what the user's generator keeps in its own state, a
+        window, is its own to bound)."""
+        return spec.capacity
 
-        What the user's generator keeps in its own state (a window) is its own to bound.
-        """
-        return spec.capacity + next_capacity
+    @classmethod
+    def held_outputs(cls, spec: StageSpec, next_capacity: int) -> int:
+        """Up to one output buffer's worth made and not handed on yet."""
+        return next_capacity
 
     def flush(self) -> None:
         """Hand on the outputs made so far (blocks while the next buffer is full)."""
@@ -210,6 +213,12 @@ class BatchStage(_OneThreadStage):
         """The batch being filled: never more than its size (nor than a buffer's worth taken)."""
         size: int = spec.arg[0]
         return max(spec.capacity, size)
+
+    @classmethod
+    def weight(cls, spec: StageSpec, weight: int) -> int:
+        """A batch stands for as many items as it holds."""
+        size: int = spec.arg[0]
+        return weight * size
 
     def _body(self) -> bool:
         size, timeout = self.spec.arg

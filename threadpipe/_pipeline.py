@@ -651,16 +651,26 @@ class Pipeline(Generic[T]):
         with more than one worker: its reorder buffer), plus, for a ``flat_map`` stage, one
         output buffer's worth per worker while it streams; and the output buffer twice (the
         buffer, and the batch the caller's iterator took from it). Items are counted where they
-        are: a ``flat_map`` stage's outputs count as many items as it yields.
+        are: a ``flat_map`` stage's outputs count as many items as it yields, and a list that
+        ``batch(n)`` made counts as the ``n`` items in it. A merged source counts the bounds of
+        the pipelines it merges. Each kind of stage declares its share (``held``) next to the
+        code that holds the items. Not bounded: what a ``pipe()`` function keeps in its own state,
+        and the outputs of one call of an ``async def`` or executor ``flat_map``, which arrive
+        together (they count as the one item they came from).
 
         Returns:
             The bound, an int.
         """
         capacities = [spec.capacity for spec in self._stages] + [self.output_capacity]
         bound = self._source.held(capacities[0])
+        weight = 1  # how many source items one item here stands for (a batch of n: n)
         for spec, next_capacity in zip(self._stages, capacities[1:], strict=True):
-            bound += spec.capacity + runtime_of(spec).held(spec, next_capacity)
-        return bound + 2 * self.output_capacity
+            runtime = runtime_of(spec)
+            out_weight = runtime.weight(spec, weight)
+            bound += (spec.capacity + runtime.held(spec, next_capacity)) * weight
+            bound += runtime.held_outputs(spec, next_capacity) * out_weight
+            weight = out_weight
+        return bound + 2 * self.output_capacity * weight
 
     def __repr__(self) -> str:
         stages = " | ".join(f"{s.kind}({s.name}, workers={s.workers})" for s in self._stages)

@@ -134,6 +134,11 @@ class RunState:
             self.clock.stop()
             with _LIVE_LOCK:
                 _LIVE.discard(self)
+            # Every thread has exited: break the cycles a live run needs (scope members and a
+            # stage's grow callback hold the stage, which holds this state).
+            self.scope.release()
+            for channel in self.channels:
+                channel.on_starved = None
             self.done.set()
 
     @property
@@ -633,6 +638,8 @@ class Run(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         self._state.cancel()  # a no-op when every output was delivered
+        if self._state.forked:
+            return  # a child of a fork: the run's threads are in the parent, nothing to wait for
         if exc_type is not None and not issubclass(exc_type, Exception):
             # Ctrl-C or SystemExit: return control at once rather than wait for running calls.
             return

@@ -94,6 +94,20 @@ class Scope:
             _abort(member)
 
 
+    def release(self) -> None:
+        """Forget the members and children: the run is done, nothing is left to abort.
+
+        Members hold the run (a stage holds its state, which holds this scope): dropping them
+        when the last thread exits leaves no cycle, so a finished run is freed by reference
+        counting alone.
+        """
+        with self._lock:
+            self._members = []
+        for child in self._children:
+            child.release()
+        self._children = []
+
+
 def _abort(member: Abortable) -> None:
     # One member failing to abort must not leave the others (and their threads) blocked.
     try:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._calls import PLAIN, SKIPPED, CallOptions, RateLimiter, open_resource, wrap, wrap_iter
 from ._channel import Channel
+from ._errors import label
 from ._reorder import Reorder
 from ._scope import Cancelled, Scope
 from ._threads import Crew
@@ -181,8 +182,23 @@ class Runtime:
 
     @classmethod
     def held(cls, spec: StageSpec, next_capacity: int) -> int:
-        """The most items the stage holds outside its input buffer (default: one batch taken)."""
+        """The most input items the stage holds outside its input buffer (default: one batch
+        taken), and the outputs it made from them that keep their size (a map's results)."""
         return spec.capacity
+
+    @classmethod
+    def held_outputs(cls, spec: StageSpec, next_capacity: int) -> int:
+        """The most new outputs it holds before handing them on (a ``flat_map``'s elements)."""
+        return 0
+
+    @classmethod
+    def weight(cls, spec: StageSpec, weight: int) -> int:
+        """How many source items one output stands for, when one input stands for ``weight``.
+
+        ``buffer_bound()`` counts items as the source made them: a batch of ``n`` counts ``n``,
+        a ``flat_map``'s outputs count one each, anything else keeps its input's weight.
+        """
+        return 1 if spec.kind is FLAT_MAP else weight
 
     @property
     def spawned(self) -> int:
@@ -251,8 +267,13 @@ class Stage(Runtime):
         """
         held = cls.window(spec)
         if spec.kind is FLAT_MAP:
-            return held + spec.workers * next_capacity
+            return held
         return 2 * held if spec.reorders else held
+
+    @classmethod
+    def held_outputs(cls, spec: StageSpec, next_capacity: int) -> int:
+        """A ``flat_map`` worker holds at most one output buffer's worth before handing it on."""
+        return spec.workers * next_capacity if spec.kind is FLAT_MAP else 0
 
     def start(self) -> None:
         """Start the first worker; the input channel asks for more when items find nobody idle."""
@@ -418,7 +439,13 @@ class Stage(Runtime):
         for item in items:
             if stop[0]:
                 raise Cancelled
-            results = fn(item)
+            try:
+                results = fn(item)
+            except Cancelled:
+                raise
+            except BaseException as exc:
+                label(exc, self.spec.name, item)  # this loop's item, which _work does not see
+                raise
             try:
                 for result in results:
                     outputs.append(result)

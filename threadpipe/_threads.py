@@ -156,8 +156,9 @@ class Crew:
             ended = self.ended
         try:
             if last:
-                if self._on_last is not None:
-                    self._on_last()
+                on_last, self._on_last = self._on_last, None  # it may hold the stage: no cycle
+                if on_last is not None:
+                    on_last()
                 if ended and self.out is not None and not self.scope.cancelled[0]:
                     self.out.put_end()
         finally:

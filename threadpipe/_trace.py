@@ -120,11 +120,21 @@ class _Lane:
         record = self.record
 
         def traced(item: Any) -> Iterator[Any]:
+            # The call is made here, outside a generator, so that what it raises leaves as itself
+            # (a StopIteration inside a generator would become a RuntimeError).
             number = self._next
             self._next = number + 1
             started = perf_counter()
             try:
-                yield from fn(item)
+                results = fn(item)
+            except BaseException:
+                record(number, started, perf_counter())
+                raise
+            return drain(number, started, results)
+
+        def drain(number: int, started: float, results: Any) -> Iterator[Any]:
+            try:
+                yield from results
             finally:
                 record(number, started, perf_counter())
 
