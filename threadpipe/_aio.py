@@ -71,6 +71,7 @@ _LINGER: Final = 0.1
 _EMPTY: Final = object()  # the async feeder's slot holds no item
 _END_OF_SOURCE: Final = object()  # the async source is exhausted
 _CLOSED: Final = object()  # the output channel was closed (the run stopped)
+_NO_MORE: Final = object()  # a flat_map's plain iterator is exhausted
 
 
 class LoopThread:
@@ -218,6 +219,12 @@ class LoopThread:
         return False
 
 
+def _settle(handed: asyncio.Future[None]) -> None:
+    """On the loop: let a flat_map call go on, its part of the outputs is in the next buffer."""
+    if not handed.done():
+        handed.set_result(None)
+
+
 def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel the tasks still pending and wait for them; then async generators, then the executor.
 
@@ -288,7 +295,9 @@ class CoroutineStage(Runtime):
         self._has_room = threading.Condition(self._lock)  # taker: permits came back, or stop
         self._has_news = threading.Condition(self._lock)  # emitter: results, the end, or stop
         self._in_flight = 0  # permits in use: items taken and not yet handed to ``out``/reorder
-        self._results: list[tuple[int, list[Any]]] = []  # finished calls: (number, outputs)
+        # Outputs for the emitter: (number, outputs, handed). ``handed`` is None for a call's last
+        # outputs (the call is over), else the loop's future the call waits on for that part.
+        self._results: list[tuple[int, list[Any], asyncio.Future[None] | None]] = []
         self._emitter_waits = False  # spares the loop thread a notify when nobody waits
         self._taking = True
         self._saw_end = False
@@ -307,9 +316,13 @@ class CoroutineStage(Runtime):
     @classmethod
     def held(cls, spec: StageSpec, next_capacity: int) -> int:
         """One permit per item in flight, returned once its outputs are handed on; ordered, the
-        reorder window lets as many again wait for their turn. (A ``flat_map`` call's outputs are
-        collected before they are handed on: they count as the one item they came from.)"""
+        reorder window lets as many again wait for their turn."""
         return 2 * spec.workers if spec.reorders else spec.workers
+
+    @classmethod
+    def held_outputs(cls, spec: StageSpec, next_capacity: int) -> int:
+        """A ``flat_map`` call holds at most one output buffer's worth before it waits."""
+        return spec.workers * next_capacity if spec.kind == "flat_map" else 0
 
     def __repr__(self) -> str:
         return (
@@ -392,6 +405,10 @@ class CoroutineStage(Runtime):
         out = self.out
         reorder = self.reorder
         stop = self.scope.cancelled
+        # Ordered flat_map: parts of calls not at the head of the line yet, by number. Their calls
+        # wait for them, so this holds at most one part per call in flight.
+        parked: dict[int, list[tuple[list[Any], asyncio.Future[None]]]] = {}
+        outputs: list[Any] = []
         try:
             while True:
                 with self._lock:
@@ -409,16 +426,32 @@ class CoroutineStage(Runtime):
                     self._results = []
                 # Blocking puts happen here, in this thread, so a full buffer downstream holds
                 # this stage's permits and never the loop.
+                count = 0
                 if reorder is not None:
-                    for number, outputs in results:
-                        reorder.complete(number, 1, outputs)
+                    for number, outputs, handed in results:
+                        if handed is None:
+                            reorder.complete(number, 1, outputs)
+                            count += 1
+                        else:
+                            parked.setdefault(number, []).append((outputs, handed))
+                        # Parts of calls now at the head of the line go out, in order.
+                        while reorder.head in parked:
+                            for part, waiter in parked.pop(reorder.head):
+                                out.put_many(part)
+                                self.aio.call_if_running(partial(_settle, waiter))
                 else:
-                    batch = [output for _, outputs in results for output in outputs]
+                    batch = []
+                    for _, outputs, handed in results:
+                        batch.extend(outputs)
+                        if handed is None:
+                            count += 1
                     if batch:
                         out.put_many(batch)
+                    for _, _, handed in results:
+                        if handed is not None:
+                            self.aio.call_if_running(partial(_settle, handed))
                     del batch
-                count = len(results)
-                del results  # hand the references on; a slow consumer keeps no extra copy
+                del results, outputs  # hand the references on; a slow consumer keeps no copy
                 with self._lock:
                     self._in_flight -= count
                     self._has_room.notify()
@@ -459,9 +492,9 @@ class CoroutineStage(Runtime):
                 if self._plain_map:  # the common case, one coroutine frame fewer
                     outputs = [await self.spec.fn(item)]
                 elif self.spec.options.plain:
-                    outputs = await self._timed(item)
+                    outputs = await self._timed(item, number)
                 else:
-                    outputs = await self._attempts(item)
+                    outputs = await self._attempts(item, number)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -478,7 +511,7 @@ class CoroutineStage(Runtime):
             counters.items_out += len(outputs)
             counters.busy_seconds += perf_counter() - started
             with self._lock:
-                self._results.append((number, outputs))
+                self._results.append((number, outputs, None))
                 if self._emitter_waits:
                     self._has_news.notify()
         finally:
@@ -492,14 +525,16 @@ class CoroutineStage(Runtime):
         self.counters[0].errors += 1
         self.run.fail(exc, self.scope, self.spec.name, item)
 
-    async def _attempts(self, item: Any) -> list[Any]:
+    async def _attempts(self, item: Any, number: int) -> list[Any]:
         """The outputs of one item with the stage's rate limit, retries and error policy.
 
-        The same rules as a thread stage's (see ``_calls.wrap``), waiting with ``asyncio.sleep``
-        so that the loop never blocks. A cancel (the run stopping) is never retried or handled.
+        The same rules as a thread stage's (see ``_calls.wrap`` and ``wrap_iter``), waiting with
+        ``asyncio.sleep`` so that the loop never blocks. A cancel (the run stopping) is never
+        retried or handled; a ``flat_map`` call that handed outputs on is not retried.
         """
         options = self.spec.options
         attempt = 0
+        handed = [False]
         while True:
             if self._limiter is not None:
                 # As a thread's wait (``RateLimiter.wait``), sleeping on the loop between claims:
@@ -507,11 +542,15 @@ class CoroutineStage(Runtime):
                 while (delay := self._limiter.claim()) > 0:  # noqa: ASYNC110
                     await asyncio.sleep(delay)
             try:
-                return await self._timed(item)
+                return await self._timed(item, number, handed)
             except asyncio.CancelledError:
                 raise
             except BaseException as error:
-                if attempt < options.retries and isinstance(error, options.retry_on):
+                if (
+                    not handed[0]
+                    and attempt < options.retries
+                    and isinstance(error, options.retry_on)
+                ):
                     attempt += 1
                     await asyncio.sleep(backoff(options, attempt))
                     continue
@@ -539,15 +578,15 @@ class CoroutineStage(Runtime):
                 return [item]
             return list(result)
 
-    async def _timed(self, item: Any) -> list[Any]:
+    async def _timed(self, item: Any, number: int, handed: list[bool] | None = None) -> list[Any]:
         """The outputs of one call, within the stage's timeout."""
         timeout = self.spec.timeout
         if timeout is None:
-            return await self._apply(item)
+            return await self._apply(item, number, handed)
         scope = asyncio.timeout(timeout)
         try:
             async with scope:
-                return await self._apply(item)
+                return await self._apply(item, number, handed)
         except TimeoutError as exc:
             # Only the TimeoutError that ``asyncio.timeout`` made just now (from the CancelledError
             # it injected) gets a message: a user's own TimeoutError is raised as it is.
@@ -561,8 +600,9 @@ class CoroutineStage(Runtime):
                 )
             raise
 
-    async def _apply(self, item: Any) -> list[Any]:
-        """The outputs of one call: ``[result]``, ``[item]`` or ``[]``, or a flat_map's elements."""
+    async def _apply(self, item: Any, number: int, handed: list[bool] | None = None) -> list[Any]:
+        """The outputs of one call: ``[result]``, ``[item]`` or ``[]``, or a flat_map's elements
+        not handed on yet (see ``_stream``)."""
         fn = self.spec.fn
         kind = self.spec.kind
         if kind == MAP:
@@ -573,24 +613,60 @@ class CoroutineStage(Runtime):
             await fn(item)
             return [item]
         # flat_map: an async generator function, or a coroutine function returning an iterable or
-        # an async iterable. Either way the outputs of one item are collected, then passed on.
+        # an async iterable. Either way the outputs stream on, a buffer's worth at a time.
         if self.spec.coroutine == ASYNC_GEN:
-            return await _collect(fn(item))
+            return await self._stream(fn(item), number, handed)
         result = await fn(item)
-        if hasattr(type(result), "__aiter__"):
-            return await _collect(result)
-        return list(result)
+        return await self._stream(result, number, handed)
 
+    async def _stream(self, results: Any, number: int, handed: list[bool] | None) -> list[Any]:
+        """Hand a ``flat_map`` call's outputs on as they come; return the last ones.
 
-async def _collect(aiterable: AsyncIterable[Any]) -> list[Any]:
-    """All of an async iterable's items; the iterator is closed even when this is cancelled."""
-    iterator = aiter(aiterable)
-    try:
-        return [value async for value in iterator]
-    finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        Every time a buffer's worth is made, the call waits until the emitter has put it into
+        the next buffer (for an ordered stage, once every earlier item's outputs are out), so a
+        call holds at most one buffer's worth, and backpressure reaches the async generator. An
+        async iterator is closed (``aclose()``) here, on the loop, when the call ends early.
+        """
+        chunk = max(1, self.out.maxsize)
+        outputs: list[Any] = []
+        is_async = hasattr(type(results), "__aiter__")
+        iterator = aiter(results) if is_async else iter(results)
+        try:
+            while True:
+                if is_async:
+                    try:
+                        value = await anext(iterator)
+                    except StopAsyncIteration:
+                        break
+                else:
+                    value = next(iterator, _NO_MORE)
+                    if value is _NO_MORE:
+                        break
+                outputs.append(value)
+                del value
+                if len(outputs) >= chunk:
+                    if handed is not None:
+                        handed[0] = True
+                    self.counters[0].items_out += len(outputs)
+                    await self._hand_on(number, outputs)
+                    outputs = []
+            return outputs
+        finally:
+            close = getattr(iterator, "aclose" if is_async else "close", None)
+            if close is not None:
+                if is_async:
+                    await close()
+                else:
+                    close()
+
+    async def _hand_on(self, number: int, outputs: list[Any]) -> None:
+        """Give the emitter part of a call's outputs and wait until they are in the next buffer."""
+        handed = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._results.append((number, outputs, handed))
+            if self._emitter_waits:
+                self._has_news.notify()
+        await handed
 
 
 # ---------------------------------------------------------------------------------- async source

@@ -380,8 +380,7 @@ def wrap_iter(
         try:
             yield first
             del first
-            for output in results:
-                yield output
+            yield from results
         except GeneratorExit:
             raise  # the consumer stopped reading (a cancel): not a failure
         except BaseException as error:

@@ -74,6 +74,11 @@ class Reorder:
             finally:
                 self._turn_waiters -= 1
 
+    @property
+    def head(self) -> int:
+        """The number of the first item whose outputs have not all left yet."""
+        return self._next
+
     def held(self) -> int:
         """How many finished batches wait for their turn (a snapshot)."""
         return len(self._waiting)

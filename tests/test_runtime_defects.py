@@ -1,6 +1,3 @@
-# Pending: the runtime-defect generators of issue 11, written against the public API. Not collected
-# (the name does not start with test_): 26 of its cases still fail and one flakes (see the closing
-# note of 2026-11-29). Rename to test_runtime_defects.py as the defects close.
 """Regressions for the runtime defects of the issue "One stage, one stop", through the public API.
 
 Each section names its defect. The randomized classes (a reader left behind by ``take``, a stage
@@ -335,7 +332,13 @@ def test_a_cut_off_queue_reader_stops_and_leaves_the_queue_to_the_next_run(sourc
             q.put(x)
         follow = Pipeline.from_queue(q, sentinel=STOP).start()
         with _watchdog(follow):
-            assert list(follow) == [10, 11, 12], "the first run's reader took an item it had no use for"
+            rest = list(follow)
+        # Item 3 was either read ahead by the first run (and dropped with its buffers) or never
+        # taken (the cut came first): then it is still the queue's, and the next run gets it.
+        # Nothing put after the first run ended may be lost.
+        assert rest in ([10, 11, 12], [3, 10, 11, 12]), (
+            f"the first run's reader took an item it had no use for: the next run got {rest}"
+        )
     finally:
         # Release a reader left waiting on the queue, so that a failure does not leak its thread.
         q.put(STOP)
@@ -359,7 +362,10 @@ def test_to_list_of_a_take_on_a_queue_leaves_later_items_to_the_next_run(source:
         again = p.start()
         with _watchdog(again, _JOIN):
             got = sorted(again)
-        assert got == [10, 11, 12], "the take run's reader took an item put after it had ended"
+        # 3 was read ahead and dropped, or the cut came before it was taken and it is still queued.
+        assert got in ([10, 11, 12], [3, 10, 11, 12]), (
+            f"the take run's reader took an item put after it had ended: the next run got {got}"
+        )
         alive = _threads_gone(before)
         assert not alive, f"threads left running after both runs ended: {alive}"
     finally:
@@ -667,11 +673,15 @@ def _afan(tracker: Tracker, k: int) -> Callable[[Tracked], Any]:
 
 
 def _afan_list(tracker: Tracker, k: int) -> Callable[[Tracked], Any]:
-    """An ``async def`` flat_map function returning ``k`` new items per item."""
+    """An ``async def`` flat_map function returning a lazy iterable of ``k`` new items per item.
 
-    async def afan_list(x: Tracked) -> list[Tracked]:
+    Lazy, because a list the function returns is made whole by the function before the library
+    sees it (as for a thread ``flat_map``): the bound counts outputs as they are produced.
+    """
+
+    async def afan_list(x: Tracked) -> Iterator[Tracked]:
         await asyncio.sleep(0)
-        return [Tracked(tracker, x.value) for _ in range(k)]
+        return (Tracked(tracker, x.value) for _ in range(k))
 
     return afan_list
 
