@@ -55,3 +55,8 @@ def gated(job: tuple[str, int]) -> int:
     while not gate.exists() and time.monotonic() < deadline:
         time.sleep(0.005)
     return x
+
+
+def parent_pid(x: int) -> int:
+    """The pid of the process that started the worker this call runs in."""
+    return os.getppid()

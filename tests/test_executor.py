@@ -523,3 +523,33 @@ def test_dask_cancel_returns_at_once_and_releases_the_tasks(
     # The cancelled futures are released: the cluster forgets every task of the run.
     wait_until(lambda: dask_client.run_on_scheduler(tasks_left) == 0, "the scheduler to forget")
     assert started(tmp_path) <= 4
+
+
+_START_METHOD_SCRIPT = """
+import multiprocessing, os, sys
+import threadpipe as tp
+from remote_calls import parent_pid
+
+assert multiprocessing.get_start_method(allow_none=True) is None
+for run in range(2):
+    parents = tp.Pipeline.from_iter(range(4)).map(parent_pid, workers=2, executor="processes").to_list()
+    assert os.getpid() not in parents, f"run {run}: a worker was forked from this process"
+    method = multiprocessing.get_start_method(allow_none=True)
+    assert method is None, f"run {run} left the start method set to {method!r}"
+multiprocessing.set_start_method("spawn")  # the program's choice is still its own to make
+print("ok")
+"""
+
+
+def test_processes_never_fork_and_leave_the_programs_start_method_alone() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _START_METHOD_SCRIPT],
+        cwd=Path(__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -113,21 +113,61 @@ def _is_process_pool(executor: object) -> bool:
 
 
 def process_context() -> BaseContext:
-    """The multiprocessing context for ``executor="processes"``.
+    """The multiprocessing context for ``executor="processes"``: never ``fork``.
 
-    The start method the program chose with ``multiprocessing.set_start_method`` is kept. Otherwise
-    ``forkserver`` (``spawn`` where that is missing), not the ``fork`` default of Linux before
-    Python 3.14: a run always has threads going, and a child forked from a threaded process can
-    inherit a lock that some thread held at that instant and deadlock on it.
+    ``spawn`` if the program chose it (``multiprocessing.set_start_method``), else ``forkserver``
+    (``spawn`` where that is missing). Never ``fork`` (the default of Linux before Python 3.14),
+    even if the program chose it: a run always has threads going, and a child forked from a
+    threaded process can inherit a lock that some thread held at that instant and deadlock on it.
+    Decided from the context the program set explicitly, never from the one a pool's start leaves
+    behind (see ``_StartMethodGuard``).
     """
     import multiprocessing
 
-    method = multiprocessing.get_start_method(allow_none=True)
-    if method is None:
+    method = _GUARD.baseline() if _GUARD.live else multiprocessing.get_start_method(allow_none=True)
+    if method not in ("spawn", "forkserver"):
         method = (
             "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
         )
     return multiprocessing.get_context(method)
+
+
+class _StartMethodGuard:
+    """Keeps the program's start method as the program left it while our pools run.
+
+    Starting a process of any context reads ``multiprocessing.get_start_method()``, which sets the
+    global start method to the platform default when none was set: after one run, the program
+    could no longer ``set_start_method()``, and a later run would read ``fork`` as its choice. So
+    the method in force before the first of our live pools is remembered, and restored (reset to
+    none, with the public ``set_start_method(None, force=True)``) when the last one shuts down.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.live = 0
+        self._baseline: str | None = None
+
+    def baseline(self) -> str | None:
+        return self._baseline
+
+    def acquire(self) -> None:
+        import multiprocessing
+
+        with self._lock:
+            if not self.live:
+                self._baseline = multiprocessing.get_start_method(allow_none=True)
+            self.live += 1
+
+    def release(self) -> None:
+        import multiprocessing
+
+        with self._lock:
+            self.live -= 1
+            if not self.live and self._baseline is None:
+                multiprocessing.set_start_method(None, force=True)
+
+
+_GUARD = _StartMethodGuard()
 
 
 def permits(spec: StageSpec) -> int:
@@ -255,7 +295,12 @@ class ExecutorStage(Runtime):
             else:
                 from concurrent.futures import ProcessPoolExecutor
 
-                self._owned = ProcessPoolExecutor(spec.workers, mp_context=process_context())
+                _GUARD.acquire()
+                try:
+                    self._owned = ProcessPoolExecutor(spec.workers, mp_context=process_context())
+                except BaseException:
+                    _GUARD.release()
+                    raise
                 self.executor = self._owned
         except Exception as exc:
             if not any(
@@ -267,6 +312,8 @@ class ExecutorStage(Runtime):
             self.run.fail(exc, self.scope, spec.name, None, has_item=False)
             return
         self.crew.start_all(self._dispatch, self._collect)
+        if not self.crew.spawned:  # cancelled before the threads started: nobody else will
+            self._last_out()
 
     def abort(self) -> None:
         """Stop because the scope was cancelled: wake both threads, cancel the calls not started.
@@ -310,6 +357,8 @@ class ExecutorStage(Runtime):
         # After a complete run every call has returned, so waiting only joins the idle
         # processes, and ``join()`` leaves none behind.
         self._shutdown(wait=not self.scope.cancelled[0])
+        if self._owned is not None:
+            _GUARD.release()
 
     # ------------------------------------------------------------------ the dispatcher
 
