@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -148,3 +150,64 @@ def test_memory_stays_within_the_documented_bound() -> None:
 def test_repr_names_the_stages() -> None:
     p = Pipeline.from_iter([1]).map(double, workers=2)
     assert "double" in repr(p) and "workers=2" in repr(p)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda p: p.take(-1), "take(): n must be an int >= 0, got -1"),
+        (lambda p: p.skip(-2), "skip(): n must be an int >= 0, got -2"),
+        (lambda p: p.backpressure(0), "backpressure(): n must be an int >= 1, got 0"),
+        (lambda p: p.relief_valve(0), "relief_valve(): n must be an int >= 1, got 0"),
+        (lambda p: p.batch(0), "batch(): n must be an int >= 1, got 0"),
+        (lambda p: p.map(abs, workers=0), "map(): workers must be an int >= 1, got 0"),
+        (lambda p: p.flat_map(abs, workers=-1), "flat_map(): workers must be an int >= 1, got -1"),
+    ],
+)
+def test_a_count_out_of_range_names_the_call_the_parameter_the_bound_and_the_value(
+    build: Any, message: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        build(Pipeline.from_iter([1]))
+    assert str(info.value) == message
+
+
+def test_a_count_of_the_wrong_type_names_the_call() -> None:
+    with pytest.raises(TypeError, match=r"^take\(\): n must be an int >= 0, got 1.5 \(float\)$"):
+        Pipeline.from_iter([1]).take(1.5)  # type: ignore[arg-type]
+
+
+def test_len_is_known_when_the_source_has_one_and_every_stage_keeps_the_count() -> None:
+    base = Pipeline.from_iter(range(10))
+    assert len(base.map(str, workers=2).each(print).map(len)) == 10
+    assert len(base.map(str).take(3)) == 3
+    assert len(base.take(30)) == 10
+    assert operator.length_hint(base.map(str)) == 10
+    for unknown in (
+        base.filter(bool),
+        base.flat_map(lambda x: [x]),
+        base.map(str, on_error="skip"),
+        Pipeline.from_iter(x for x in range(10)),
+    ):
+        with pytest.raises(TypeError, match="length is not known"):
+            len(unknown)
+        assert operator.length_hint(unknown, -1) == -1
+        assert unknown  # never false, whatever its length
+
+
+def test_tqdm_over_a_pipeline_or_a_run_shows_the_total(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from tqdm import tqdm
+
+    monkeypatch.setattr(tqdm, "monitor_interval", 0)  # no tqdm monitor thread to outlive the test
+
+    p = Pipeline.from_iter(range(7)).map(lambda x: x * 2)
+    with tqdm(p, file=io.StringIO(), disable=False) as bar:
+        assert bar.total == 7
+        assert list(bar) == [0, 2, 4, 6, 8, 10, 12]
+    run = p.start()
+    assert len(run) == 7
+    with tqdm(run, file=io.StringIO(), disable=False) as bar:
+        assert bar.total == 7
+        assert sum(1 for _ in bar) == 7

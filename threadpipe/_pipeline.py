@@ -38,7 +38,7 @@ from ._operators import BATCH, OPERATOR_KINDS, PIPE, TAKE, BatchStage, PipeStage
 from ._progress import Bars, check_progress, source_length
 from ._run import Run, RunState
 from ._source import SOURCE_NAME, QueueSource, Source, start_feeder
-from ._stage import EACH, FILTER, FLAT_MAP, MAP, Stage, StageSpec
+from ._stage import EACH, FILTER, FLAT_MAP, MAP, Stage, StageSpec, count_through
 from ._trace import Tracer, check_trace
 
 if TYPE_CHECKING:
@@ -53,11 +53,15 @@ DEFAULT_BUFFER: Final = 32
 """Capacity of every buffer that ``backpressure()`` does not size."""
 
 
-def _check_count(param: str, value: object) -> int:
+def _check_count(call: str, param: str, value: object, least: int = 1) -> int:
+    """Check an int argument; the message names the call, the parameter, the bound and the value."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{param} must be an int >= 1, got {describe(value)} ({type(value).__qualname__})")
-    if value < 1:
-        raise ValueError(f"{param} must be an int >= 1, got {value}")
+        raise TypeError(
+            f"{call}(): {param} must be an int >= {least}, "
+            f"got {describe(value)} ({type(value).__qualname__})"
+        )
+    if value < least:
+        raise ValueError(f"{call}(): {param} must be an int >= {least}, got {value}")
     return value
 
 
@@ -291,7 +295,7 @@ class Pipeline(Generic[T]):
         call: CallKwargs | None = None,
     ) -> Pipeline[Any]:
         _check_callable("fn", fn)
-        _check_count("workers", workers)
+        _check_count(kind, "workers", workers)
         check_executor(executor)
         coroutine = coroutine_kind(kind, fn)
         timeout = check_timeout(timeout, coroutine is not None)
@@ -500,7 +504,7 @@ class Pipeline(Generic[T]):
             TypeError: ``n`` is not an int.
             ValueError: ``n`` < 1.
         """
-        _check_count("n", n)
+        _check_count("backpressure", "n", n)
         return Pipeline(self._source, self._stages, n)
 
     def relief_valve(self, n: int) -> Pipeline[T]:
@@ -521,7 +525,7 @@ class Pipeline(Generic[T]):
             TypeError: ``n`` is not an int.
             ValueError: ``n`` < 1.
         """
-        _check_count("n", n)
+        _check_count("relief_valve", "n", n)
         return Pipeline(self._source, self._stages, n, next_relief=True)
 
     def pipe(
@@ -568,12 +572,12 @@ class Pipeline(Generic[T]):
             TypeError: ``n`` is not an int or ``timeout`` not a number.
             ValueError: ``n`` < 1 or ``timeout`` <= 0.
         """
-        _check_count("n", n)
+        _check_count("batch", "n", n)
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-                raise TypeError(f"timeout must be a number of seconds > 0 or None, got {describe(timeout)}")
+                raise TypeError(f"batch(): timeout must be a number of seconds > 0 or None, got {describe(timeout)}")
             if not timeout > 0:
-                raise ValueError(f"timeout must be a number of seconds > 0 or None, got {timeout}")
+                raise ValueError(f"batch(): timeout must be a number of seconds > 0 or None, got {timeout}")
         return self._operator(BATCH, BATCH, _no_call, (n, None if timeout is None else float(timeout)))
 
     def flatten(self: Pipeline[Iterable[U]]) -> Pipeline[U]:
@@ -605,7 +609,7 @@ class Pipeline(Generic[T]):
             TypeError: ``n`` is not an int.
             ValueError: ``n`` < 0.
         """
-        _check_count("n", n + 1 if isinstance(n, int) and not isinstance(n, bool) else n)
+        _check_count("skip", "n", n, least=0)
         return self._operator(PIPE, "skip", partial(_skip, n))
 
     def take(self, n: int) -> Pipeline[T]:
@@ -626,7 +630,7 @@ class Pipeline(Generic[T]):
             TypeError: ``n`` is not an int.
             ValueError: ``n`` < 0.
         """
-        _check_count("n", n + 1 if isinstance(n, int) and not isinstance(n, bool) else n)
+        _check_count("take", "n", n, least=0)
         return self._operator(TAKE, TAKE, _no_call, n)
 
     # ------------------------------------------------------------------ facts
@@ -671,6 +675,39 @@ class Pipeline(Generic[T]):
             bound += runtime.held_outputs(spec, next_capacity) * out_weight
             weight = out_weight
         return bound + 2 * self.output_capacity * weight
+
+    def _length(self) -> int | None:
+        """How many outputs a run will make, when the source's length is known and every stage's
+        count follows from it (``map``, ``each``, ``take``); else None."""
+        total = source_length(self._source.iterable)
+        for spec in self._stages:
+            total = count_through(spec, total)
+        return total
+
+    def __len__(self) -> int:
+        """How many outputs a run of this pipeline makes, so ``tqdm(pipeline)`` shows a total.
+
+        Known when the source has a length (a list, a range) and every stage makes a known number
+        of outputs from its inputs: ``map`` and ``each`` (without ``on_error="skip"``), ``take``.
+
+        Raises:
+            TypeError: the number is not known (a generator source, a ``filter``, a ``flat_map``).
+        """
+        total = self._length()
+        if total is None:
+            raise TypeError(
+                "this pipeline's length is not known: its source has no length, or a stage "
+                "(filter, flat_map, an operator, on_error='skip') changes the count"
+            )
+        return total
+
+    def __length_hint__(self) -> int:
+        total = self._length()
+        return NotImplemented if total is None else total
+
+    def __bool__(self) -> bool:
+        """A pipeline is always true (``__len__`` would make an empty or unknown one false)."""
+        return True
 
     def __repr__(self) -> str:
         stages = " | ".join(f"{s.kind}({s.name}, workers={s.workers})" for s in self._stages)
@@ -764,7 +801,7 @@ class Pipeline(Generic[T]):
         feeder = None
         if aio is not None and async_source:
             feeder = aio.feeder(cast("AsyncIterator[Any]", iterator), channels[0], state.segments[0])
-        run: Run[T] = Run(state, channels[-1], stages, watcher)
+        run: Run[T] = Run(state, channels[-1], stages, watcher, self._length())
         # Count the starting itself as a live thread, so the run cannot look done (every thread
         # exited) between the feeder finishing a short source and the first worker starting.
         state.thread_started()

@@ -15,10 +15,10 @@ from __future__ import annotations
 import functools
 import operator
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from ._errors import describe
-from ._stage import EACH, MAP
+from ._stage import count_through
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Bars", "check_progress", "source_length"]
 
-# Kinds that make exactly one output per input: a bar after only these can show the source's length
-# as its total. After a filter or a flat_map the count is unknown, and no total beats a wrong one.
-ONE_TO_ONE: Final = frozenset({MAP, EACH})
 
 
 def check_progress(progress: object) -> dict[str, Any] | None:
@@ -130,8 +127,7 @@ class Bars:
                 leave = base == 0
             try:
                 for i, spec in enumerate(specs):
-                    if spec.kind not in ONE_TO_ONE:
-                        total = None
+                    total = count_through(spec, total)
                     kwargs: dict[str, Any] = {
                         "desc": spec.name.ljust(width),
                         "total": total,

@@ -403,8 +403,10 @@ class Run(Generic[T]):
         output: Channel,
         stages: tuple[Any, ...],
         monitor: Monitor | None = None,
+        length: int | None = None,
     ) -> None:
         self._state = state
+        self._length = length  # how many outputs the run makes, when known (see __len__)
         self._output = output
         self._stages = stages
         self._monitor = monitor  # the thread sampling the run and drawing its bars, if any
@@ -424,6 +426,29 @@ class Run(Generic[T]):
             status = "running"
         names = ", ".join(stage.spec.name for stage in self._stages)
         return f"<threadpipe.Run [{names}] {status}>"
+
+    def __len__(self) -> int:
+        """How many outputs the run makes in all, so ``tqdm(run)`` shows a total.
+
+        Known as for ``len(pipeline)``; the count of a complete run (a cancel or a failure ends it
+        sooner).
+
+        Raises:
+            TypeError: the number is not known.
+        """
+        if self._length is None:
+            raise TypeError(
+                "this run's length is not known: its source has no length, or a stage "
+                "(filter, flat_map, an operator, on_error='skip') changes the count"
+            )
+        return self._length
+
+    def __length_hint__(self) -> int:
+        return NotImplemented if self._length is None else self._length
+
+    def __bool__(self) -> bool:
+        """A run is always true (``__len__`` would make an empty or unknown one false)."""
+        return True
 
     def __iter__(self) -> Iterator[T]:
         """Return the iterator over the outputs.

@@ -43,6 +43,7 @@ __all__ = [
     "Stage",
     "StageSpec",
     "Runtime",
+    "count_through",
 ]
 
 MAP: Final = "map"
@@ -118,6 +119,22 @@ class StageSpec:
         """
         return self.ordered and self.workers > 1 and self.executor is None
 
+
+
+def count_through(spec: StageSpec, inputs: int | None) -> int | None:
+    """How many outputs the stage makes from ``inputs`` items, when that is known.
+
+    ``map`` and ``each`` make one per input (unless ``on_error="skip"`` may drop some), ``take(n)``
+    at most ``n``; after a ``filter``, a ``flat_map`` or another operator the count is unknown.
+    """
+    if inputs is None:
+        return None
+    if spec.kind in (MAP, EACH) and spec.options.on_error != "skip":
+        return inputs
+    if spec.kind == TAKE:
+        limit: int = spec.arg
+        return min(inputs, limit)
+    return None
 
 
 def _batch_size(call_seconds: float, limit: int) -> int:
