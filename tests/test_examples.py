@@ -130,7 +130,9 @@ def test_downscale_matches_the_reference(width: int, height: int) -> None:
 def test_cpu_stage_gives_the_same_digests_on_threads_processes_and_dask() -> None:
     pytest.importorskip("distributed")
     lines = check_ok(run_example("cpu_stage.py", "--items", "40", timeout=100))
-    assert re.fullmatch(r"hashing 40 blocks of 60,000 bytes, [\d.]+ ms each in this process", lines[0])
+    assert re.fullmatch(
+        r"hashing 40 blocks of 60,000 bytes, [\d.]+ ms each in this process", lines[0]
+    )
     for label in ("threads", "processes", "dask"):
         assert any(
             re.fullmatch(rf"{label}: +40 items in +[\d.]+ s = +[\d.]+ items/s", line) for line in lines

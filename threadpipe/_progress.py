@@ -6,8 +6,8 @@ them at a bounded rate from the workers' counters. Workers never call tqdm.
 
 The stack goes below the tqdm bars already open (an outer loop's bar, a bar the user made before
 ``start()``), on the first free lines as tqdm places a bar of its own, unless ``position=`` says
-where. Below other bars it is cleared when the run ends, as tqdm clears a nested bar, so the bars
-above stay where they are; ``leave=True`` keeps it instead.
+where. Below other bars it is cleared when the run ends, as tqdm clears a nested bar, so that the
+bars above stay where they are; ``leave=True`` keeps it instead.
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ class Bars:
         specs: the stages, in order.
         options: tqdm keyword arguments applied to every bar. ``position``, if given, is the
             position of the first bar; the others follow it. Without it, the bars go on the first
-            free lines below the tqdm bars already open, and if there are any, ``leave`` defaults
-            to False: the stage bars are cleared at the end so that the bars above stay in place.
+            free lines among the tqdm bars already open, and when that is not the top line,
+            ``leave`` defaults to False: the stage bars are cleared at the end, so that the bars
+            above them stay in place.
         length: the source's length, or None when unknown.
 
     Raises:
