@@ -686,6 +686,8 @@ class AsyncSource:
         TypeError: ``aiterable`` is not an async iterable.
     """
 
+    is_async = True  # iterated on the run's event loop
+
     in_memory: Final = False
     """Items come from an async iterator, never from a container in memory."""
 
@@ -710,6 +712,12 @@ class AsyncSource:
     def held(self, first_capacity: int) -> int:
         """The most items the feeder holds: the one handed over, the next not pulled until it is put."""
         return 1
+
+    def launch(
+        self, opened: AsyncIterator[Any], out: Channel, state: RunState, scope: Scope, aio: Any
+    ) -> None:
+        """Start the feeder of what :meth:`open` returned, on the run's loop ``aio``."""
+        aio.feeder(opened, out, scope).start()
 
     def open(self) -> AsyncIterator[Any]:
         """Return a fresh async iterator over the items.

@@ -44,6 +44,8 @@ class MergeSource:
         TypeError: an argument is not a Pipeline, or none is given.
     """
 
+    is_async = False  # iterated on the run's event loop
+
     in_memory = False
     iterable = None  # no length to show: progress bars count without a total
 
@@ -72,8 +74,11 @@ class MergeSource:
         """
         return sum(pipeline.buffer_bound() for pipeline in self.pipelines)
 
-    def launch(self, out: Channel, state: RunState, scope: Scope) -> None:
-        """Start every merged pipeline and a pump thread for each; called by ``Pipeline.start``.
+    def open(self) -> None:
+        """Nothing to open here: each merged pipeline's source is opened when it starts."""
+
+    def launch(self, opened: None, out: Channel, state: RunState, scope: Scope, aio: Any) -> None:
+        """Start every merged pipeline and a pump thread for each.
 
         Raises:
             SourceConsumedError: a merged pipeline's one-shot source was already used.

@@ -23,26 +23,24 @@ from typing import (
     TypedDict,
     TypeVar,
     Unpack,
-    cast,
     overload,
 )
 
 from ._calls import CallOptions, check_options
-from ._channel import Channel, ReliefChannel
 from ._coroutine import check_timeout, coroutine_kind
 from ._errors import describe
-from ._executor import ExecutorStage, check_executor
+from ._executor import check_executor
 from ._merge import MergeSource
-from ._monitor import Monitor
-from ._operators import BATCH, OPERATOR_KINDS, PIPE, TAKE, BatchStage, PipeStage, TakeStage
-from ._progress import Bars, check_progress, source_length
-from ._run import Run, RunState
-from ._source import SOURCE_NAME, QueueSource, Source, start_feeder
-from ._stage import EACH, FILTER, FLAT_MAP, MAP, Stage, StageSpec, count_through
-from ._trace import Tracer, check_trace
+from ._operators import BATCH, PIPE, TAKE
+from ._progress import check_progress, source_length
+from ._run import Run
+from ._source import SOURCE_NAME, QueueSource, Source
+from ._stage import EACH, FILTER, FLAT_MAP, MAP, StageSpec, count_through
+from ._trace import check_trace
+from ._wiring import runtime_of, wire
 
 if TYPE_CHECKING:
-    from ._aio import AsyncSource, LoopThread
+    from ._aio import AsyncSource
 
 __all__ = ["DEFAULT_BUFFER", "Pipeline"]
 
@@ -68,34 +66,6 @@ def _check_count(call: str, param: str, value: object, least: int = 1) -> int:
 def _check_callable(param: str, value: object) -> None:
     if not callable(value):
         raise TypeError(f"{param} must be callable, got {describe(value)} ({type(value).__qualname__})")
-
-
-_OPERATOR_RUNTIMES: Final[dict[str, type[PipeStage | TakeStage | BatchStage]]] = {
-    PIPE: PipeStage,
-    TAKE: TakeStage,
-    BATCH: BatchStage,
-}
-
-
-# Stream operators that can end a run early: each starts a new segment (see ``_scope``).
-_CUT_POINTS: Final = frozenset({PIPE, TAKE})
-
-
-def runtime_of(spec: StageSpec) -> type[Any]:
-    """The class that runs ``spec`` in a run: a pool of threads, the one thread of a stream
-    operator, the two threads around an executor or around coroutines on the run's loop.
-
-    Each has the same interface: made with ``(spec, inp, out, run, scope)`` (a coroutine stage is
-    made by the run's loop, which it needs too), ``start()``, ``spawned``, ``counters``, and the
-    class method ``held(spec, next_capacity)``, its part of ``Pipeline.buffer_bound()``.
-    """
-    if spec.kind in OPERATOR_KINDS:
-        return _OPERATOR_RUNTIMES[spec.kind]
-    if spec.coroutine:
-        from ._aio import CoroutineStage  # here, not at the top: only such runs import asyncio
-
-        return CoroutineStage
-    return Stage if spec.executor is None else ExecutorStage
 
 
 class CallKwargs(TypedDict, total=False):
@@ -748,90 +718,16 @@ class Pipeline(Generic[T]):
         trace_cap = check_trace(trace)
         if not isinstance(monitor, bool):
             raise TypeError(f"monitor must be a bool, got {describe(monitor)}")
-        watcher = None
-        if bar_options is not None or monitor:
-            # The bars are drawn now, in the caller's thread: a bad tqdm argument fails here.
-            bars = None
-            if bar_options is not None:
-                bars = Bars(self._stages, bar_options, source_length(self._source.iterable))
-            watcher = Monitor(bars)
-        # A source with threads of its own (a queue, merged pipelines) launches them itself.
-        launch = getattr(self._source, "launch", None)
-        try:
-            iterator = None if launch is not None else self._source.open()  # type: ignore[union-attr]
-        except BaseException:
-            if watcher is not None:
-                watcher.close()
-            raise
-        state = RunState()
-        if trace_cap:
-            state.trace = Tracer(self.stage_names, trace_cap, state.clock.started)
-        capacities = [spec.capacity for spec in self._stages] + [self.output_capacity]
-        names = [SOURCE_NAME, *self.stage_names]
-        reliefs = [spec.relief for spec in self._stages] + [self._next_relief]
-        channels = [
-            (ReliefChannel if relief else Channel)(cap, name)
-            for cap, name, relief in zip(capacities, names, reliefs, strict=True)
-        ]
-        state.channels = channels
-        # Each stage's scope: a new segment starts at every operator that can end the run early.
-        # Channel i is written by the source (i = 0) or by stage i - 1: it belongs to its writer's
-        # scope, so cutting a segment off wakes whoever waits on what that segment writes.
-        scopes = []
-        scope = state.segments[0]
-        for spec in self._stages:
-            if spec.kind in _CUT_POINTS:
-                scope = state.segment()
-            scopes.append(scope)
-        writers = [state.segments[0], *scopes]
-        for channel, writer in zip(channels, writers, strict=True):
-            writer.add(channel)
-        aio: LoopThread | None = None
-        async_source = not isinstance(self._source, Source | QueueSource | MergeSource)
-        if async_source or any(spec.coroutine for spec in self._stages):
-            from ._aio import LoopThread  # here, not at the top: only such runs import asyncio
-
-            aio = LoopThread(state)
-        stages = tuple(
-            aio.stage(spec, channels[i], channels[i + 1], scopes[i])
-            if aio is not None and spec.coroutine
-            else runtime_of(spec)(spec, channels[i], channels[i + 1], state, scopes[i])
-            for i, spec in enumerate(self._stages)
+        return wire(
+            self._source,
+            self._stages,
+            self.output_capacity,
+            self._next_relief,
+            self._length(),
+            bar_options,
+            trace_cap,
+            monitor,
         )
-        feeder = None
-        if aio is not None and async_source:
-            feeder = aio.feeder(cast("AsyncIterator[Any]", iterator), channels[0], state.segments[0])
-        run: Run[T] = Run(state, channels[-1], stages, watcher, self._length())
-        # Count the starting itself as a live thread, so the run cannot look done (every thread
-        # exited) between the feeder finishing a short source and the first worker starting.
-        state.thread_started()
-        try:
-            if aio is not None:
-                aio.start()
-            if launch is not None:
-                launch(channels[0], state, state.segments[0])
-            elif feeder is not None:
-                feeder.start()
-            else:
-                start_feeder(
-                    cast("Iterator[Any]", iterator),
-                    channels[0],
-                    state,
-                    state.segments[0],
-                    self._source.in_memory,
-                )
-            for stage in stages:
-                stage.start()
-            if watcher is not None:
-                watcher.start(stages, channels[-1], state)
-        except BaseException:
-            state.cancel()
-            if watcher is not None:
-                watcher.close()
-            raise
-        finally:
-            state.thread_exited()
-        return run
 
     def __iter__(self) -> Iterator[T]:
         """Start a run and iterate its outputs.

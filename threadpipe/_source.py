@@ -48,6 +48,8 @@ class Source:
         TypeError: ``iterable`` is not iterable.
     """
 
+    is_async = False  # iterated on the run's event loop
+
     def __init__(self, iterable: Iterable[Any]) -> None:
         if not _is_iterable(iterable):
             raise TypeError(
@@ -80,6 +82,12 @@ class Source:
                     )
                 self._opened = True
         return iter(self.iterable)
+
+    def launch(
+        self, opened: Iterator[Any], out: Channel, state: RunState, scope: Scope, aio: Any
+    ) -> None:
+        """Start the feeder thread over what :meth:`open` returned."""
+        start_feeder(opened, out, state, scope, self.in_memory)
 
 
 def start_feeder(
@@ -167,6 +175,8 @@ class QueueSource:
         TypeError: ``q`` is not a ``queue.Queue`` (or has no ``get(timeout=...)``).
     """
 
+    is_async = False  # iterated on the run's event loop
+
     in_memory = False
     one_shot = False
     iterable = None  # no length to show: progress bars count without a total
@@ -183,8 +193,11 @@ class QueueSource:
         """The most items the feeder holds: the one it took from the queue."""
         return 1
 
-    def launch(self, out: Channel, state: RunState, scope: Scope) -> None:
-        """Start the feeder thread; called by ``Pipeline.start``."""
+    def open(self) -> None:
+        """Nothing to open: every run reads the queue on from where the last one stopped."""
+
+    def launch(self, opened: None, out: Channel, state: RunState, scope: Scope, aio: Any) -> None:
+        """Start the feeder thread."""
         waker = _Waker(self.q)
         scope.add(waker)
         start_feeder(self._items(scope), out, state, scope)
