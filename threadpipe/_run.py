@@ -21,7 +21,8 @@ from ._calls import ItemError
 from ._channel import Channel
 from ._errors import RunStateError, clear_own_frames, label, strip_own_frames
 from ._scope import Cancelled, Scope
-from ._stats import Clock, StageStats, render_report, snapshot
+from ._report import render_report
+from ._stats import Clock, StageStats, snapshot
 from ._threads import in_library_thread
 
 if TYPE_CHECKING:
