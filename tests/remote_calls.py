@@ -60,3 +60,31 @@ def gated(job: tuple[str, int]) -> int:
 def parent_pid(x: int) -> int:
     """The pid of the process that started the worker this call runs in."""
     return os.getppid()
+
+
+class ProcessResource:
+    """A per-process resource: says which process made it, and marks its closing with a file."""
+
+    def __init__(self, directory: str) -> None:
+        self.pid = os.getpid()
+        self.token = os.urandom(8).hex()
+        self.directory = directory
+        Path(directory, f"made-{self.pid}-{self.token}").touch()
+
+    def close(self) -> None:
+        Path(self.directory, f"closed-{self.pid}-{self.token}").touch()
+
+
+class MakeProcessResource:
+    """A picklable factory of ``ProcessResource`` objects writing into ``directory``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def __call__(self) -> ProcessResource:
+        return ProcessResource(self.directory)
+
+
+def which_resource(x: int, resource: ProcessResource) -> tuple[int, int, str]:
+    """The worker's pid, and the pid and token of the resource it was given."""
+    return os.getpid(), resource.pid, resource.token

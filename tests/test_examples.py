@@ -164,3 +164,14 @@ def test_batch_upload_delivers_every_record_exactly_once_despite_failures() -> N
     assert lines[0].startswith("uploaded 300 records in 43 batches")
     assert lines[1] == "server saw 300 records, 300 distinct"
     assert lines[-1] == "every record exactly once: yes"
+
+
+def test_async_fetch_gets_every_page_in_order_with_its_session_closed() -> None:
+    # -W error (run_example) and an empty stderr: an unclosed aiohttp session or connector, which
+    # aiohttp reports when one is collected unclosed, fails the test.
+    lines = check_ok(
+        run_example("async_fetch.py", "--pages", "80", "--in-flight", "40", "--latency-ms", "20",
+                    timeout=100)
+    )
+    assert lines[3] == "... 80 pages in input order, 80 distinct digests"
+    assert lines[4].startswith("80 pages in ") and "40 requests in flight" in lines[4]

@@ -37,12 +37,12 @@ import asyncio
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
-from ._calls import RateLimiter, backoff, handle
+from ._calls import RateLimiter, backoff, handle, open_resource_async
 from ._channel import Channel
 from ._coroutine import ASYNC_GEN
 from ._errors import SourceConsumedError, describe
@@ -98,6 +98,9 @@ class LoopThread:
         self._stopping = False
         self._ready = threading.Event()
         self._crew = Crew("loop", run, run.scope, None)
+        # Loop thread only: what closes the stages' resources, run on the loop as it shuts down,
+        # after every call has ended (cleanly or cancelled) and before the loop closes.
+        self.closers: list[Callable[[], Awaitable[None]]] = []
         run.scope.add(self)
 
     def __repr__(self) -> str:
@@ -209,6 +212,8 @@ class LoopThread:
                 if loop is not None:
                     try:
                         _shutdown(loop)
+                        self._close_resources(loop)
+                        _finish(loop)
                     finally:
                         loop.close()
             except BaseException as exc:
@@ -218,6 +223,17 @@ class LoopThread:
                 self.run.fail(exc, self.run.scope, "loop", None, has_item=False)
         return False
 
+    def _close_resources(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Each one, whatever the others do: a resource failing to close fails the run (unless it
+        # already failed or was cancelled), and the next one is closed all the same.
+        closers, self.closers = self.closers, []
+        for close in closers:
+            try:
+                loop.run_until_complete(close())
+            except BaseException as exc:
+                exc.add_note("threadpipe: raised while closing a coroutine stage's resource")
+                self.run.fail(exc, self.run.scope, "loop", None, has_item=False)
+
 
 def _settle(handed: asyncio.Future[None]) -> None:
     """On the loop: let a flat_map call go on, its part of the outputs is in the next buffer."""
@@ -226,9 +242,9 @@ def _settle(handed: asyncio.Future[None]) -> None:
 
 
 def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel the tasks still pending and wait for them; then async generators, then the executor.
+    """Cancel the tasks still pending and wait for them.
 
-    What ``asyncio.run`` does on its way out. Every task's outcome is retrieved: ours never raise
+    What ``asyncio.run`` does on its way out (with ``_finish``). Every task's outcome is retrieved: ours never raise
     (they carry a failure to the run as a value), and a task the user left behind that raised is
     reported through the loop's exception handler, as ``asyncio.run`` would.
     """
@@ -246,6 +262,10 @@ def _shutdown(loop: asyncio.AbstractEventLoop) -> None:
                         "task": task,
                     }
                 )
+
+
+def _finish(loop: asyncio.AbstractEventLoop) -> None:
+    """The rest of what ``asyncio.run`` does on its way out: async generators, the executor."""
     loop.run_until_complete(loop.shutdown_asyncgens())
     loop.run_until_complete(loop.shutdown_default_executor())
 
@@ -279,8 +299,8 @@ class CoroutineStage(Runtime):
         scope: Scope,
         aio: LoopThread,
     ) -> None:
-        # The taker and the emitter; the last one out releases the loop.
-        super().__init__(spec, inp, out, run, scope, on_last=aio.release)
+        # The taker and the emitter; the last one out closes the resource and releases the loop.
+        super().__init__(spec, inp, out, run, scope, on_last=self._last_out)
         self.aio = aio
         if spec.reorders:
             self.reorder = Reorder(inp, out, 2 * spec.workers)
@@ -307,6 +327,11 @@ class CoroutineStage(Runtime):
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._running = 0
         self._plain_map = spec.kind == MAP and spec.timeout is None and spec.options.plain
+        # Loop thread only: the stage's resource (``resource=``), made on the loop before the
+        # first call by a task every call awaits, and the call failure that ended the stage.
+        self._resource: asyncio.Task[Any] | None = None
+        self._release: Callable[[BaseException | None], Awaitable[None]] | None = None
+        self._failure: BaseException | None = None
         rate = spec.options.rate
         # One limiter for the stage, shared by its coroutines: the rate holds whatever ``workers``.
         self._limiter = RateLimiter(rate, scope.event) if rate is not None else None
@@ -523,7 +548,75 @@ class CoroutineStage(Runtime):
 
     def _failed(self, exc: BaseException, item: Any) -> None:
         self.counters[0].errors += 1
+        if self._failure is None:
+            self._failure = exc
         self.run.fail(exc, self.scope, self.spec.name, item)
+
+    async def _resource_value(self) -> Any:
+        """The stage's resource, made on the first call's demand (once, shared by all calls)."""
+        if self._resource is None:
+            self._resource = asyncio.get_running_loop().create_task(self._open_resource())
+        return await asyncio.shield(self._resource)
+
+    async def _open_resource(self) -> Any:
+        try:
+            value, release = await open_resource_async(self.spec.options)
+        except BaseException as exc:
+            exc.add_note(
+                f"threadpipe: raised while making the resource of stage {self.spec.name!r}"
+            )
+            raise
+
+        self._release = release
+        self.aio.closers.append(self._close_resource)
+        return value
+
+    async def _close_resource(self) -> None:
+        """Exit the resource, once: with the stage's own failed call if that ended the run."""
+        release, self._release = self._release, None
+        if release is not None:
+            await release(self._failure if self.run.error is self._failure else None)
+
+    def _last_out(self) -> None:
+        """The taker and the emitter are done: close the resource, then let the loop go.
+
+        After a clean end this happens before the end of input goes on, so a caller that has the
+        last output knows the stage's resource (a client session) is closed. After a cancel or
+        a failure the loop closes it as it shuts down.
+        """
+        try:
+            loop = self.aio.loop
+            if self.spec.options.resource is not None and loop is not None:
+                self._close_on(loop)
+        finally:
+            self.aio.release()
+
+    def _close_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.scope.cancelled[0]:
+            return
+        try:
+            done = asyncio.run_coroutine_threadsafe(self._close_resource(), loop)
+        except RuntimeError:  # the loop is closed: it closed the resource on its way out
+            return
+        while True:
+            try:
+                done.result(0.1)
+                return
+            except TimeoutError:
+                if self.scope.cancelled[0]:
+                    return  # the loop's shutdown closes it now
+            except BaseException as exc:
+                exc.add_note(
+                    f"threadpipe: raised while closing the resource of stage {self.spec.name!r}"
+                )
+                self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
+                return
+
+    async def _invoke(self, item: Any) -> Any:
+        """Call the function: ``fn(item)``, or ``fn(item, resource)`` with ``resource=``."""
+        if self.spec.options.resource is None:
+            return await self.spec.fn(item)
+        return await self.spec.fn(item, await self._resource_value())
 
     async def _attempts(self, item: Any, number: int) -> list[Any]:
         """The outputs of one item with the stage's rate limit, retries and error policy.
@@ -603,20 +696,22 @@ class CoroutineStage(Runtime):
     async def _apply(self, item: Any, number: int, handed: list[bool] | None = None) -> list[Any]:
         """The outputs of one call: ``[result]``, ``[item]`` or ``[]``, or a flat_map's elements
         not handed on yet (see ``_stream``)."""
-        fn = self.spec.fn
         kind = self.spec.kind
         if kind == MAP:
-            return [await fn(item)]
+            return [await self._invoke(item)]
         if kind == FILTER:
-            return [item] if await fn(item) else []
+            return [item] if await self._invoke(item) else []
         if kind == EACH:
-            await fn(item)
+            await self._invoke(item)
             return [item]
         # flat_map: an async generator function, or a coroutine function returning an iterable or
         # an async iterable. Either way the outputs stream on, a buffer's worth at a time.
         if self.spec.coroutine == ASYNC_GEN:
-            return await self._stream(fn(item), number, handed)
-        result = await fn(item)
+            fn = self.spec.fn
+            if self.spec.options.resource is None:
+                return await self._stream(fn(item), number, handed)
+            return await self._stream(fn(item, await self._resource_value()), number, handed)
+        result = await self._invoke(item)
         return await self._stream(result, number, handed)
 
     async def _stream(self, results: Any, number: int, handed: list[bool] | None) -> list[Any]:

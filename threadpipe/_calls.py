@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
@@ -30,6 +30,7 @@ __all__ = [
     "handle",
     "check_options",
     "open_resource",
+    "open_resource_async",
     "wrap",
     "wrap_iter",
 ]
@@ -188,10 +189,31 @@ class RateLimiter:
                 raise Cancelled
 
 
+def _entered(made: Any) -> tuple[str, Any]:
+    """How a resource is released: ``"async"`` (an async context manager), ``"sync"`` (a context
+    manager), ``"aclose"``, ``"close"`` or ``"none"``; and the object it releases through."""
+    cls = type(made)
+    if hasattr(cls, "__aenter__") and hasattr(cls, "__aexit__"):
+        return "async", made
+    if hasattr(cls, "__enter__") and hasattr(cls, "__exit__"):
+        return "sync", made
+    if callable(getattr(made, "aclose", None)):
+        return "aclose", made
+    if callable(getattr(made, "close", None)):
+        return "close", made
+    return "none", made
+
+
+def _exit_args(failure: BaseException | None) -> tuple[Any, Any, Any]:
+    if failure is None:
+        return None, None, None
+    return type(failure), failure, failure.__traceback__
+
+
 def open_resource(
     options: CallOptions,
 ) -> tuple[Any, Callable[[BaseException | None], None]]:
-    """Make one worker's resource; return it and the function that releases it.
+    """Make one thread worker's resource; return it and the function that releases it.
 
     A context manager is entered (the worker gets what ``__enter__`` returns) and exited when the
     worker exits, with the exception of the worker's own failed call if that is what ended it (so
@@ -200,20 +222,47 @@ def open_resource(
     """
     assert options.resource is not None
     made = options.resource()
-    enter = getattr(type(made), "__enter__", None)
-    exit_ = getattr(type(made), "__exit__", None)
-    if enter is not None and exit_ is not None:
-        value = enter(made)
+    cls = type(made)
+    if hasattr(cls, "__enter__") and hasattr(cls, "__exit__"):
+        return _sync_release("sync", made)
+    return _sync_release("close" if callable(getattr(made, "close", None)) else "none", made)
 
-        def release(failure: BaseException | None) -> None:
-            if failure is None:
-                exit_(made, None, None, None)
-            else:
-                exit_(made, type(failure), failure, failure.__traceback__)
 
-        return value, release
-    close = getattr(made, "close", None)
-    return made, ((lambda failure: close()) if callable(close) else (lambda failure: None))
+async def open_resource_async(
+    options: CallOptions,
+) -> tuple[Any, Callable[[BaseException | None], Awaitable[None]]]:
+    """Make a coroutine stage's resource on the run's loop; return it and its async release.
+
+    As :func:`open_resource`, and an async context manager is entered with ``async with``
+    semantics (``aiohttp.ClientSession``), an object with ``aclose()`` is awaited closed.
+    """
+    assert options.resource is not None
+    how, made = _entered(options.resource())
+    if how == "async":
+        value = await type(made).__aenter__(made)
+
+        async def aexit(failure: BaseException | None) -> None:
+            await type(made).__aexit__(made, *_exit_args(failure))
+
+        return value, aexit
+    value, release = _sync_release(how, made)
+
+    async def close(failure: BaseException | None) -> None:
+        if how == "aclose":
+            await made.aclose()
+        else:
+            release(failure)
+
+    return value, close
+
+
+def _sync_release(how: str, made: Any) -> tuple[Any, Callable[[BaseException | None], None]]:
+    if how == "sync":
+        value = type(made).__enter__(made)
+        return value, lambda failure: type(made).__exit__(made, *_exit_args(failure))
+    if how == "close":
+        return made, lambda failure: made.close()
+    return made, lambda failure: None
 
 
 def backoff(options: CallOptions, attempt: int) -> float:

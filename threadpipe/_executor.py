@@ -53,7 +53,17 @@ if TYPE_CHECKING:
 
     from ._run import RunState
 
-__all__ = ["PROCESSES", "ExecutorStage", "check_executor", "flatten", "permits", "process_context"]
+__all__ = [
+    "PROCESSES",
+    "ExecutorStage",
+    "call_with_resource",
+    "check_executor",
+    "flatten",
+    "flatten_with_resource",
+    "open_process_resource",
+    "permits",
+    "process_context",
+]
 
 PROCESSES: Final = "processes"
 """The ``executor=`` string that gives each run its own process pool of ``workers`` processes."""
@@ -101,6 +111,43 @@ def flatten(fn: Callable[[Any], Iterable[Any]], item: Any) -> list[Any]:
     process (or machine) need threadpipe importable to run a ``flat_map`` stage.
     """
     return list(fn(item))
+
+
+# The resource of this worker process (``resource=`` with ``executor="processes"``): made by the
+# pool's initializer, once per process, before its first call; closed when the process exits.
+_PROCESS_RESOURCE: Any = None
+
+
+def open_process_resource(factory: Callable[[], Any]) -> None:
+    """A process pool's initializer: make this process's resource and arrange for its closing.
+
+    A context manager is entered and exited (with ``(None, None, None)``) when the process exits
+    at the pool's shutdown; any other object with ``close()`` is closed then. Runs in the worker
+    process; module-level so that it pickles by name.
+    """
+    from multiprocessing.util import Finalize
+
+    global _PROCESS_RESOURCE
+    made = factory()
+    cls = type(made)
+    if hasattr(cls, "__enter__") and hasattr(cls, "__exit__"):
+        _PROCESS_RESOURCE = cls.__enter__(made)
+        Finalize(None, cls.__exit__, args=(made, None, None, None), exitpriority=10)
+    else:
+        _PROCESS_RESOURCE = made
+        close = getattr(made, "close", None)
+        if callable(close):
+            Finalize(None, close, exitpriority=10)
+
+
+def call_with_resource(fn: Callable[[Any, Any], Any], item: Any) -> Any:
+    """Call ``fn(item, resource)`` with this worker process's resource."""
+    return fn(item, _PROCESS_RESOURCE)
+
+
+def flatten_with_resource(fn: Callable[[Any, Any], Iterable[Any]], item: Any) -> list[Any]:
+    """``flatten`` for a ``flat_map`` with a per-process resource."""
+    return list(fn(item, _PROCESS_RESOURCE))
 
 
 def _is_process_pool(executor: object) -> bool:
@@ -280,16 +327,20 @@ class ExecutorStage(Runtime):
         try:
             dumps = pickle.dumps if isinstance(executor, str) else _pickler_for(executor)
             if dumps is not None:
-                try:
-                    dumps(spec.fn)
-                except Exception as exc:
-                    exc.add_note(
-                        f"threadpipe: stage {spec.name!r} runs its calls in other processes, and "
-                        f"its function {describe(spec.fn)} cannot be pickled to send there; "
-                        "define it at module level (lambdas, nested functions and objects "
-                        "holding locks, files or sockets do not pickle)"
-                    )
-                    raise
+                resource = spec.options.resource
+                for what, obj in (("function", spec.fn), ("resource factory", resource)):
+                    if obj is None:
+                        continue
+                    try:
+                        dumps(obj)
+                    except Exception as exc:
+                        exc.add_note(
+                            f"threadpipe: stage {spec.name!r} runs its calls in other processes, "
+                            f"and its {what} {describe(obj)} cannot be pickled to send there; "
+                            "define it at module level (lambdas, nested functions and objects "
+                            "holding locks, files or sockets do not pickle)"
+                        )
+                        raise
             if isinstance(executor, Executor):
                 self.executor = executor
             else:
@@ -297,7 +348,16 @@ class ExecutorStage(Runtime):
 
                 _GUARD.acquire()
                 try:
-                    self._owned = ProcessPoolExecutor(spec.workers, mp_context=process_context())
+                    factory = spec.options.resource
+                    if factory is None:
+                        self._owned = ProcessPoolExecutor(spec.workers, mp_context=process_context())
+                    else:
+                        self._owned = ProcessPoolExecutor(
+                            spec.workers,
+                            mp_context=process_context(),
+                            initializer=open_process_resource,
+                            initargs=(factory,),
+                        )
                 except BaseException:
                     _GUARD.release()
                     raise
@@ -368,7 +428,14 @@ class ExecutorStage(Runtime):
         executor = self.executor
         assert executor is not None
         submit = executor.submit
-        flat = spec.kind is FLAT_MAP
+        # What runs where the call runs: the function itself, or a module-level wrapper that
+        # passes the process's resource, or collects a flat_map's outputs (a generator cannot
+        # travel between processes).
+        call: Callable[..., Any] | None
+        if spec.options.resource is not None:
+            call = flatten_with_resource if spec.kind is FLAT_MAP else call_with_resource
+        else:
+            call = flatten if spec.kind is FLAT_MAP else None
         inp = self.inp
         stop = self.scope.cancelled
         permits = self.permits
@@ -402,7 +469,7 @@ class ExecutorStage(Runtime):
                         raise Cancelled
                     submitted = perf_counter()
                     try:
-                        future = submit(flatten, fn, item) if flat else submit(fn, item)
+                        future = submit(call, fn, item) if call is not None else submit(fn, item)
                     except Exception as exc:
                         if stop[0]:
                             raise Cancelled from None  # the cancel shut the pool down under us

@@ -98,7 +98,9 @@ class CallKwargs(TypedDict, total=False):
 _CALL_KEYS: Final = frozenset(CallKwargs.__annotations__)
 
 
-def _call_options(kind: str, call: CallKwargs | None, coroutine: bool, executor: bool) -> CallOptions:
+def _call_options(
+    kind: str, call: CallKwargs | None, executor: Executor | str | None
+) -> CallOptions:
     """Check a stage's call keywords; refuse those its kind of stage cannot honour."""
     call = call or {}
     unknown = set(call) - _CALL_KEYS
@@ -107,16 +109,19 @@ def _call_options(kind: str, call: CallKwargs | None, coroutine: bool, executor:
     options = check_options(**call)
     if options.plain:
         return options
-    if executor:
-        raise TypeError(
-            f"{', '.join(sorted(call))}: not available with executor= (the calls run elsewhere); "
-            "retry or rate-limit inside the function"
-        )
-    if coroutine and options.resource is not None:
-        raise TypeError(
-            "resource= is for thread stages, whose workers each own one; a coroutine stage "
-            "shares one object between its coroutines: create it once and close over it"
-        )
+    if executor is not None:
+        others = sorted(key for key in call if key != "resource")
+        if others:
+            raise TypeError(
+                f"{kind}(): {', '.join(others)}: not available with executor= (the calls run "
+                "elsewhere); retry or rate-limit inside the function"
+            )
+        if options.resource is not None and executor != "processes":
+            raise TypeError(
+                f"{kind}(): resource= on an executor needs executor='processes', which makes one "
+                f"per worker process; {describe(executor)} runs calls where threadpipe cannot "
+                "make or close one: create it inside the function"
+            )
     return options
 
 
@@ -269,7 +274,7 @@ class Pipeline(Generic[T]):
         check_executor(executor)
         coroutine = coroutine_kind(kind, fn)
         timeout = check_timeout(timeout, coroutine is not None)
-        options = _call_options(kind, call, coroutine is not None, executor is not None)
+        options = _call_options(kind, call, executor)
         if coroutine is not None and executor is not None:
             raise TypeError(
                 f"executor={describe(executor)} takes a plain function; {describe(fn)} is a "

@@ -99,7 +99,7 @@ class StageSpec:
     """
 
     kind: str
-    fn: Callable[[Any], Any]
+    fn: Callable[..., Any]
     workers: int
     ordered: bool
     name: str
