@@ -1,38 +1,52 @@
 """Randomized fault injection: generated pipelines and faults, checked against invariants.
 
 Every case builds a random chain of stages (thread and coroutine stages, ordered or not, with random
-worker counts, buffer sizes, error policies and stream operators), feeds it random data, injects
-random faults (a stage raising at its k-th call, a source raising at item k, a consumer that breaks,
-raises in its loop body, is slow, or a ``cancel()`` from another thread once the consumer has seen k
-items), and checks, with a hard time bound:
+worker counts, buffer sizes, error policies and stream operators, ``take()`` and a ``pipe()`` that
+returns early), feeds it random data from a list, a generator, a queue (``from_queue``) or a merge of
+several of those, injects random faults (a stage raising a fresh exception or a ``StopIteration``
+at its k-th call, a source raising at item k, a consumer that breaks, raises in its loop body, is
+slow, or a ``cancel()`` from another thread once the consumer has seen k items), and checks, with a
+hard time bound:
 
 * the run ends: ``run.join(timeout=...)`` returns;
 * no ``threadpipe-`` thread started by the case outlives it;
 * without a fault, the output equals plain Python (in order when every stage is ordered, as a
-  multiset otherwise); with one, what the caller gets is the injected object itself, and no item
-  is delivered twice (the outputs are a sub-multiset of the reference, a prefix when ordered);
+  multiset otherwise); with one, what the caller gets is the injected object itself (an injected
+  ``StopIteration``: a ``RuntimeError`` naming the stage, with the injected object as its cause), and
+  no item is delivered twice (the outputs are a sub-multiset of the reference, a prefix when ordered);
 * a generator source is closed once the run has ended;
+* a queue reader that a ``take()`` or a returning ``pipe()`` cut off stops: the queue's sentinel is
+  held back when plain Python says the cut happens, so a reader left behind keeps the run from
+  ending;
 * the items a ``skip`` policy dropped (``run.errors``) are exactly those whose calls failed.
 
+A second generator builds random pipelines of self-counting items (``tests/tracked.py``) and checks
+that a run never holds more of them than ``Pipeline.buffer_bound()``.
+
 The default run (CI) tries a few hundred cases; ``-m soak`` tries ``THREADPIPE_SOAK_CASES``
-(10,000 by default).
+(10,000 by default), part of them under a line tracer and part with a tiny thread switch interval.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import queue
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from tracked import Tracked, Tracker, check_bound, tracked_source
 
 from threadpipe import Pipeline
 
@@ -40,6 +54,8 @@ from threadpipe import Pipeline
 _HANG_SECONDS = 10.0
 # A thread that finished its run's accounting only has to return from its target function.
 _THREAD_EXIT_SECONDS = 5.0
+# A queue reader a cut should have stopped: it exits within one wait slice (0.1 s) when correct.
+_QUEUE_READER_SECONDS = 3.0
 
 SOAK_CASES = int(os.environ.get("THREADPIPE_SOAK_CASES", "10000"))
 
@@ -49,6 +65,19 @@ OUTCOMES: Counter[str] = Counter()
 
 class InjectedError(Exception):
     """An injected fault; each case makes fresh ones, so identity tells them apart."""
+
+
+class InjectedStop(StopIteration):
+    """An injected ``StopIteration``: it must fail the run, not end the stage's output quietly."""
+
+
+class InjectedAsyncStop(StopAsyncIteration):
+    """The same for a coroutine stage (a coroutine cannot raise StopIteration: Python makes it a
+    RuntimeError before threadpipe sees it)."""
+
+
+# Ends a queue source's input.
+STOP = object()
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -77,6 +106,8 @@ class StageCase:
         skip_mod: ``on_error="skip"``, failing every item ``x`` with ``x % skip_mod == 0``.
         slow: every call yields the interpreter lock for a moment, so workers interleave more.
         executor: run the calls on a shared ``ThreadPoolExecutor`` (``executor=``).
+        error: the injected fault: an ``InjectedError``, or (``stop_fault``) an ``InjectedStop``,
+            an ``InjectedAsyncStop`` in a coroutine stage.
     """
 
     op: str
@@ -88,7 +119,8 @@ class StageCase:
     skip_mod: int | None
     slow: bool = False
     executor: bool = False
-    error: InjectedError = field(default_factory=lambda: InjectedError("stage fault"))
+    error: BaseException = field(default_factory=lambda: InjectedError("stage fault"))
+    stop_fault: bool = False
     fired: bool = False
     calls: int = 0
     failed_items: list[int] = field(default_factory=list)
@@ -115,27 +147,49 @@ class StageCase:
 
 @dataclass
 class OperatorCase:
-    """A stream operator: ``batch`` + ``flatten``, ``take``, ``skip``, ``pipe`` or ``relief``."""
+    """A stream operator: ``batch`` + ``flatten``, ``take``, ``skip``, ``pipe``, ``head`` (a pipe
+    that returns after ``n`` items) or ``relief``."""
 
     op: str
     n: int
     buffer: int | None
 
 
+# Where a case's data comes from: a pipeline's source, or one part of a merge.
+SOURCE_KINDS = ("list", "generator", "queue")
+
+
 @dataclass
 class Case:
-    """One generated pipeline, its data and the faults around it."""
+    """One generated pipeline, its data and the faults around it.
+
+    ``source`` is a kind of ``SOURCE_KINDS`` or ``"merge"``: then ``parts`` are the kinds of the
+    merged pipelines, part ``j`` fed ``data[j::len(parts)]``. ``source_fail_at`` is where the
+    generator source (a merge's first generator part) raises.
+    """
 
     data: list[int]
-    generator_source: bool
+    source: str
     source_fail_at: int | None
     stages: list[StageCase | OperatorCase]
     break_at: int | None
     raise_at: int | None
     cancel_at: int | None
     slow: bool
+    parts: list[str] = field(default_factory=list)
     source_error: InjectedError = field(default_factory=lambda: InjectedError("source fault"))
     body_error: InjectedError = field(default_factory=lambda: InjectedError("body fault"))
+
+    @property
+    def faulty_source(self) -> bool:
+        """Whether the case has a generator source that can raise."""
+        kinds = self.parts if self.source == "merge" else [self.source]
+        return "generator" in kinds
+
+    @property
+    def has_queue(self) -> bool:
+        """Whether a queue feeds the case."""
+        return self.source == "queue" or "queue" in self.parts
 
 
 def _add_one(items: Iterator[int]) -> Iterator[int]:
@@ -144,19 +198,82 @@ def _add_one(items: Iterator[int]) -> Iterator[int]:
         yield x + 1
 
 
-def build(case: Case, closed: list[bool], executor: Executor | None = None) -> Pipeline[Any]:
-    """The pipeline a case describes; ``closed`` gets True when a generator source is closed."""
+def _head(n: int) -> Callable[[Iterator[int]], Iterator[int]]:
+    """A ``pipe`` stage that returns after ``n`` items: it cuts off everything upstream."""
 
-    def source() -> Iterator[int]:
-        try:
-            for i, x in enumerate(case.data):
-                if i == case.source_fail_at:
-                    raise case.source_error
-                yield x
-        finally:
-            closed.append(True)
+    def head(items: Iterator[int]) -> Iterator[int]:
+        for i, x in enumerate(items):
+            yield x
+            if i + 1 >= n:
+                return
 
-    p: Pipeline[Any] = Pipeline.from_iter(source() if case.generator_source else list(case.data))
+    return head
+
+
+@dataclass
+class Feeds:
+    """A case's sources as built.
+
+    Attributes:
+        withhold: queues get no sentinel (a cut must stop their readers).
+        closed: one list per generator source; it gets True when the generator is closed.
+        queues: the queues feeding the case.
+        source_fired: the generator source raised its injected fault.
+    """
+
+    withhold: bool = False
+    closed: list[list[bool]] = field(default_factory=list)
+    queues: list[queue.Queue[Any]] = field(default_factory=list)
+    source_fired: bool = False
+
+    def release(self) -> None:
+        """End every queue's input: a reader a defect left behind exits, so no thread leaks."""
+        for q in self.queues:
+            q.put(STOP)
+
+
+def _feed(kind: str, data: list[int], case: Case, feeds: Feeds, fail_at: int | None) -> Pipeline[Any]:
+    """A pipeline fed ``data`` by a source of ``kind``."""
+    if kind == "list":
+        return Pipeline.from_iter(list(data))
+    if kind == "generator":
+        closed: list[bool] = []
+        feeds.closed.append(closed)
+
+        def source() -> Iterator[int]:
+            try:
+                for i, x in enumerate(data):
+                    if i == fail_at:
+                        feeds.source_fired = True
+                        raise case.source_error
+                    yield x
+            finally:
+                closed.append(True)
+
+        return Pipeline.from_iter(source())
+    q: queue.Queue[Any] = queue.Queue()
+    for x in data:
+        q.put(x)
+    if not feeds.withhold:
+        q.put(STOP)
+    feeds.queues.append(q)
+    return Pipeline.from_queue(q, sentinel=STOP)
+
+
+def build(case: Case, feeds: Feeds, executor: Executor | None = None) -> Pipeline[Any]:
+    """The pipeline a case describes; ``feeds`` records its sources."""
+    p: Pipeline[Any]
+    if case.source == "merge":
+        k = len(case.parts)
+        fail_part = case.parts.index("generator") if "generator" in case.parts else None
+        p = Pipeline.merge(
+            *[
+                _feed(kind, case.data[j::k], case, feeds, case.source_fail_at if j == fail_part else None)
+                for j, kind in enumerate(case.parts)
+            ]
+        )
+    else:
+        p = _feed(case.source, case.data, case, feeds, case.source_fail_at)
     for i, s in enumerate(case.stages):
         if s.buffer is not None:
             p = p.backpressure(s.buffer)
@@ -169,6 +286,8 @@ def build(case: Case, closed: list[bool], executor: Executor | None = None) -> P
                 p = p.skip(s.n)
             elif s.op == "pipe":
                 p = p.pipe(_add_one)
+            elif s.op == "head":
+                p = p.pipe(_head(s.n))
             else:
                 p = p.relief_valve(s.n)
             continue
@@ -206,16 +325,17 @@ class Expected:
 def reference(case: Case) -> Expected:
     """Plain Python's output for the case without its injected faults (skips included)."""
     items = list(case.data)
-    exact = multiset = True
+    exact = case.source != "merge"  # a merge interleaves its parts as they come
+    multiset = True
     for s in case.stages:
         if isinstance(s, OperatorCase):
             if s.op == "relief":
                 exact = multiset = False
             elif s.op == "pipe":
                 items = [x + 1 for x in items]
-            elif s.op in ("take", "skip"):
+            elif s.op in ("take", "head", "skip"):
                 if exact:
-                    items = items[: s.n] if s.op == "take" else items[s.n :]
+                    items = items[s.n :] if s.op == "skip" else items[: s.n]
                 else:
                     multiset = False  # which items pass depends on arrival order
             continue
@@ -225,6 +345,17 @@ def reference(case: Case) -> Expected:
         if not s.ordered:
             exact = False
     return Expected(items, exact, multiset)
+
+
+def cut_happens(case: Case) -> bool:
+    """Whether plain Python says a ``take``/``head`` cuts the run off: as many items reach it as
+    it wants, a count known whenever the multiset of items reaching it is."""
+    for i, s in enumerate(case.stages):
+        if isinstance(s, OperatorCase) and s.op in ("take", "head"):
+            before = reference(Case(case.data, case.source, None, case.stages[:i], None, None, None, False))
+            if before.multiset and len(before.items) >= s.n:
+                return True
+    return False
 
 
 # ------------------------------------------------------------------------------------ strategies
@@ -242,7 +373,7 @@ stage_st = st.builds(
 
 operator_st = st.builds(
     OperatorCase,
-    op=st.sampled_from(["batch", "take", "skip", "pipe", "relief"]),
+    op=st.sampled_from(["batch", "take", "skip", "pipe", "head", "relief"]),
     n=st.integers(1, 12),
     buffer=st.one_of(st.none(), st.integers(1, 8)),
 )
@@ -266,6 +397,12 @@ def case_st(draw: st.DrawFn) -> Case:
                 # executor= takes no error policy and no coroutine function.
                 s.executor = draw(st.integers(0, 7)) == 0
             s.coroutine = not s.executor and draw(st.integers(0, 4)) == 0
+    source = draw(st.sampled_from(["list", "generator", "list", "generator", "queue", "merge"]))
+    parts = draw(st.lists(st.sampled_from(SOURCE_KINDS), min_size=1, max_size=4)) if source == "merge" else []
+    if (source == "queue" or "queue" in parts) and draw(st.booleans()):
+        # A queue's reader under a cut: the case where a reader is left behind.
+        cut = OperatorCase(draw(st.sampled_from(["take", "head"])), draw(st.integers(1, 12)), None)
+        stages.insert(draw(st.integers(0, len(stages))), cut)
     faulty = draw(st.integers(0, 3)) > 0
     # Sized and seeded rather than drawn item by item: hypothesis favours short lists, and the
     # faults need items to land on.
@@ -279,10 +416,16 @@ def case_st(draw: st.DrawFn) -> Case:
         for s in stages:
             if isinstance(s, StageCase):
                 s.fail_at = None
+    for s in stages:
+        if isinstance(s, StageCase) and s.fail_at is not None and draw(st.integers(0, 2)) == 0:
+            # A StopIteration where a stage fails: it must fail the run like any exception.
+            s.stop_fault = True
+            s.error = InjectedAsyncStop("stage stop") if s.coroutine else InjectedStop("stage stop")
     optional = st.one_of(st.none(), st.integers(0, max(1, size))) if faulty else st.none()
     return Case(
         data=data,
-        generator_source=draw(st.booleans()),
+        source=source,
+        parts=parts,
         source_fail_at=draw(st.one_of(st.none(), st.none(), st.integers(0, size)) if faulty else st.none()),
         stages=stages,
         break_at=draw(st.one_of(st.none(), st.none(), optional)),
@@ -299,13 +442,36 @@ def _run_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("threadpipe-")}
 
 
+def _is_injected(exc: BaseException, injected: list[BaseException], names: dict[int, str]) -> bool:
+    """Whether ``exc`` is what the caller should get for one of ``injected``: the object itself,
+    or, for an injected StopIteration, a RuntimeError naming its stage, caused by it."""
+    if isinstance(exc, (StopIteration, StopAsyncIteration)):
+        return False  # a bare StopIteration ends a caller's loop quietly: never hand it out
+    if any(exc is e for e in injected):
+        return True
+    cause = exc.__cause__
+    return (
+        isinstance(exc, RuntimeError)
+        and isinstance(cause, (InjectedStop, InjectedAsyncStop))
+        and any(cause is e for e in injected)
+        and names[id(cause)] in str(exc)
+    )
+
+
 def check(case: Case, executor: Executor) -> None:
     """Run one case and assert every invariant."""
-    if not case.generator_source:
-        case.source_fail_at = None  # a list cannot fail
-    closed: list[bool] = []
+    if not case.faulty_source:
+        case.source_fail_at = None  # a list or a queue cannot fail
+    feeds = Feeds(withhold=case.has_queue and cut_happens(case))
+    try:
+        _check(case, executor, feeds)
+    finally:
+        feeds.release()
+
+
+def _check(case: Case, executor: Executor, feeds: Feeds) -> None:
     before = _run_threads()
-    pipeline = build(case, closed, executor)
+    pipeline = build(case, feeds, executor)
     expected = reference(case)
     gate = threading.Event()
     run = pipeline.start()
@@ -340,6 +506,20 @@ def check(case: Case, executor: Executor) -> None:
         raised = exc
     finally:
         gate.set()  # the canceller must end even if the consumer never reached its item
+        if feeds.withhold and raised is None and not (case.break_at is not None and len(got) == case.break_at):
+            # The run ended by its cut, with the queues' sentinels held back: a queue reader the
+            # cut did not stop keeps the run alive. Asked before cancel(), which would stop it.
+            try:
+                run.join(timeout=_QUEUE_READER_SECONDS)
+            except TimeoutError:
+                feeds.release()
+                run.cancel()
+                pytest.fail(
+                    f"a queue reader cut off by take()/pipe() still runs {_QUEUE_READER_SECONDS} s "
+                    f"after the caller had the end: {case}"
+                )
+            except BaseException:  # noqa: BLE001, S110  # checked below, with join() again
+                pass
         run.cancel()
     try:
         run.join(timeout=_HANG_SECONDS)
@@ -358,21 +538,28 @@ def check(case: Case, executor: Executor) -> None:
         t.join(_THREAD_EXIT_SECONDS)
         assert not t.is_alive(), f"thread {t.name} outlived its run: {case}"
 
-    if case.generator_source:
+    for closed in feeds.closed:
         assert closed == [True], f"generator source not closed ({closed}): {case}"
 
     stage_cases = [s for s in case.stages if isinstance(s, StageCase)]
-    source_fired = case.source_fail_at is not None and case.source_fail_at < len(case.data)
+    names = {id(s.error): f"s{i}" for i, s in enumerate(case.stages) if isinstance(s, StageCase)}
+    source_fired = feeds.source_fired
     injected = [s.error for s in stage_cases if s.fired]
     if source_fired:
         injected.append(case.source_error)
     consumer_fault = raised is case.body_error
     if consumer_fault:
         injected.append(case.body_error)
-    for exc in (raised, joined):
-        assert exc is None or any(exc is e for e in injected), (
-            f"the caller got {exc!r}, not an injected object ({injected!r}) after {elapsed:.2f} s: {case}"
+    for outcome in (raised, joined):
+        if outcome is None:
+            continue
+        assert _is_injected(outcome, injected, names), (
+            f"the caller got {outcome!r} (cause {outcome.__cause__!r}), not an injected object "
+            f"({injected!r}) after {elapsed:.2f} s: {case}"
         )
+        if not any(outcome is e for e in injected):
+            # A StopIteration reached the caller as a RuntimeError; the run keeps the original.
+            assert run.exception is outcome.__cause__, case
 
     # No item twice, none made up; ordered all the way: a prefix of plain Python's output.
     assert not Counter(got) - Counter(expected.items), f"outputs not in the reference: {case}"
@@ -384,10 +571,10 @@ def check(case: Case, executor: Executor) -> None:
         or (case.break_at is not None and len(got) == case.break_at)
         or consumer_fault
     )
-    cut = any(isinstance(s, OperatorCase) and s.op == "take" for s in case.stages)
+    cut = any(isinstance(s, OperatorCase) and s.op in ("take", "head") for s in case.stages)
     if injected and not stopped_early and not cut:
         # A failure nobody cut off reaches the caller, from the loop, as the injected object.
-        assert raised is not None, f"failure {injected!r} lost: {case}"
+        assert raised is not None, f"failure {injected!r} lost (the output ended quietly): {case}"
     if not injected and not stopped_early:
         assert raised is None and joined is None
         if expected.exact:
@@ -399,18 +586,21 @@ def check(case: Case, executor: Executor) -> None:
     OUTCOMES["items delivered"] += len(got)
     OUTCOMES["items expected"] += len(expected.items)
     OUTCOMES["stage faults fired"] += sum(s.fired for s in stage_cases)
+    OUTCOMES["StopIteration faults fired"] += sum(s.fired and s.stop_fault for s in stage_cases)
     OUTCOMES["source faults fired"] += source_fired
     OUTCOMES["body faults raised"] += consumer_fault
     OUTCOMES["cancelled from another thread"] += case.cancel_at is not None
     OUTCOMES["consumer broke"] += case.break_at is not None and len(got) == case.break_at
     OUTCOMES["injected exception reached the caller"] += any(
-        exc is e for exc in (raised, joined) if exc is not None for e in injected
+        _is_injected(outcome, injected, names) for outcome in (raised, joined) if outcome is not None
     )
     OUTCOMES["no fault, output checked equal"] += not injected and not stopped_early
     OUTCOMES["coroutine stages"] += sum(s.coroutine for s in stage_cases)
     OUTCOMES["executor stages"] += sum(s.executor for s in stage_cases)
     OUTCOMES["skip-policy stages"] += sum(s.skip_mod is not None for s in stage_cases)
     OUTCOMES["operators"] += len(case.stages) - len(stage_cases)
+    OUTCOMES[f"{case.source} sources"] += 1
+    OUTCOMES["queue readers that a cut had to stop"] += feeds.withhold
     OUTCOMES["max seconds per case (x1000)"] = max(
         OUTCOMES["max seconds per case (x1000)"], int(elapsed * 1000)
     )
@@ -455,11 +645,19 @@ def executor() -> Iterator[Executor]:
         with open(report, "w", encoding="utf-8") as f:
             json.dump(dict(OUTCOMES), f, indent=1)
 
+# Shrinking replays a failing case hundreds of times; a case that fails by a bounded wait (a hang,
+# a reader left behind) then takes minutes. Off by default, so a failure is reported at once (its
+# message holds the whole case); THREADPIPE_SHRINK=1 turns it on to reduce a case.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + (
+    [Phase.shrink] if os.environ.get("THREADPIPE_SHRINK") else []
+)
+
 _CI = settings(
     max_examples=250,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
+    phases=_PHASES,
 )
 
 
@@ -476,6 +674,281 @@ def test_random_pipelines_with_faults(case: Case, executor: Executor) -> None:
 @given(case=case_st())
 def test_soak_random_pipelines_with_faults(case: Case, executor: Executor) -> None:
     check(case, executor)
+
+
+def _tracer(frame: Any, event: str, arg: Any) -> Any:
+    """A trivial line tracer: it makes every line of every traced thread a little slower."""
+    return _tracer
+
+
+@contextmanager
+def _line_tracer() -> Iterator[None]:
+    """Trace the calling thread and every thread started meanwhile (the run's threads)."""
+    sys.settrace(_tracer)
+    threading.settrace(_tracer)
+    try:
+        yield
+    finally:
+        threading.settrace(None)
+        sys.settrace(None)
+
+
+@contextmanager
+def _tiny_switch_interval() -> Iterator[None]:
+    """Hand the interpreter lock between threads as often as CPython allows."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+@pytest.mark.timeout(120)
+@settings(_CI, max_examples=40)
+@given(case=case_st())
+def test_random_pipelines_with_faults_under_a_line_tracer(case: Case, executor: Executor) -> None:
+    """A tracer shifts every interleaving (and is how debuggers and coverage run the library)."""
+    with _line_tracer():
+        check(case, executor)
+
+
+@pytest.mark.timeout(120)
+@settings(_CI, max_examples=40)
+@given(case=case_st())
+def test_random_pipelines_with_faults_at_a_tiny_switch_interval(case: Case, executor: Executor) -> None:
+    """Threads switching every microsecond try interleavings the default 5 ms interval hides."""
+    with _tiny_switch_interval():
+        check(case, executor)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(0)
+@settings(_CI, max_examples=max(1, SOAK_CASES // 10))
+@given(case=case_st())
+def test_soak_random_pipelines_with_faults_under_a_line_tracer(case: Case, executor: Executor) -> None:
+    with _line_tracer():
+        check(case, executor)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(0)
+@settings(_CI, max_examples=max(1, SOAK_CASES // 5))
+@given(case=case_st())
+def test_soak_random_pipelines_with_faults_at_a_tiny_switch_interval(
+    case: Case, executor: Executor
+) -> None:
+    with _tiny_switch_interval():
+        check(case, executor)
+
+
+# ------------------------------------------------------------------------------ the buffer bound
+# Random pipelines of self-counting items (tests/tracked.py): a run never holds more items than
+# ``buffer_bound()``. One item is one live object: map, filter and each keep the very object they
+# get; flat_map makes new ones (its outputs are new items); a batch of n holds n items.
+
+
+@dataclass
+class BoundStage:
+    """One element of a bound case's chain.
+
+    ``kind`` is ``map``, ``filter``, ``flat_map`` or ``each`` (run as ``mode``: ``thread``,
+    ``coroutine`` or ``executor``; ``policy`` None, ``"skip"`` or ``"retries"``; ``fan`` outputs
+    per item for flat_map), or ``pipe``, ``batch`` (``batch(n).flatten()``) or ``take`` (``take(n)``).
+    """
+
+    kind: str
+    workers: int = 1
+    ordered: bool = True
+    mode: str = "thread"
+    policy: str | None = None
+    fan: int = 1
+    n: int = 1
+    buffer: int | None = None
+
+
+@dataclass
+class BoundCase:
+    """A source of ``items`` self-counting items (or a merge of chains, one per part), a chain."""
+
+    items: int
+    parts: list[list[BoundStage]]
+    stages: list[BoundStage]
+
+
+def _identity_pipe(items: Iterator[Any]) -> Iterator[Any]:
+    yield from items
+
+
+def _bound_stage(p: Pipeline[Any], s: BoundStage, tracker: Tracker, executor: Executor) -> Pipeline[Any]:
+    if s.buffer is not None:
+        p = p.backpressure(s.buffer)
+    if s.kind == "pipe":
+        return p.pipe(_identity_pipe)
+    if s.kind == "batch":
+        return p.batch(s.n).flatten()
+    if s.kind == "take":
+        return p.take(s.n)
+    lock = threading.Lock()
+    tried: set[int] = set()
+
+    def fault(x: Tracked) -> None:
+        # "skip": items whose value is a multiple of 17 fail (run.errors keeps them: few, since
+        # the check allows for them); "retries": a multiple of 4 fails once.
+        if s.policy == "skip" and x.value % 17 == 0:
+            raise ValueError(x.value)
+        if s.policy == "retries" and x.value % 4 == 0:
+            with lock:
+                first = x.value not in tried
+                tried.add(x.value)
+            if first:
+                raise ValueError(x.value)
+
+    fan = s.fan
+
+    def same(x: Tracked) -> Tracked:
+        fault(x)
+        return x
+
+    def keep(x: Tracked) -> bool:
+        fault(x)
+        return x.value % 3 != 0
+
+    def touch(x: Tracked) -> None:
+        fault(x)
+
+    def spread(x: Tracked) -> Iterator[Tracked]:
+        fault(x)
+        for _ in range(fan):
+            yield Tracked(tracker, x.value)
+
+    async def asame(x: Tracked) -> Tracked:
+        await asyncio.sleep(0)
+        return same(x)
+
+    async def akeep(x: Tracked) -> bool:
+        await asyncio.sleep(0)
+        return keep(x)
+
+    async def atouch(x: Tracked) -> None:
+        await asyncio.sleep(0)
+        touch(x)
+
+    async def aspread(x: Tracked) -> Any:
+        fault(x)
+        for _ in range(fan):
+            await asyncio.sleep(0)
+            yield Tracked(tracker, x.value)
+
+    fns: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+        "map": (same, asame),
+        "filter": (keep, akeep),
+        "each": (touch, atouch),
+        "flat_map": (spread, aspread),
+    }
+    fn = fns[s.kind][s.mode == "coroutine"]
+    kwargs: dict[str, Any] = {"workers": s.workers, "ordered": s.ordered}
+    if s.mode == "executor":
+        kwargs["executor"] = executor
+    elif s.policy == "skip":
+        kwargs["on_error"] = "skip"
+    elif s.policy == "retries":
+        kwargs.update(retries=1, retry_delay=0.001)
+    return getattr(p, s.kind)(fn, **kwargs)  # type: ignore[no-any-return]
+
+
+def build_bound(case: BoundCase, tracker: Tracker, executor: Executor) -> Pipeline[Any]:
+    """The pipeline a bound case describes, over items counted by ``tracker``."""
+    p: Pipeline[Any]
+    if case.parts:
+        merged = []
+        for chain in case.parts:
+            part: Pipeline[Any] = Pipeline.from_iter(tracked_source(tracker, case.items // len(case.parts)))
+            for s in chain:
+                part = _bound_stage(part, s, tracker, executor)
+            merged.append(part)
+        p = Pipeline.merge(*merged)
+    else:
+        p = Pipeline.from_iter(tracked_source(tracker, case.items))
+    for s in case.stages:
+        p = _bound_stage(p, s, tracker, executor)
+    return p
+
+
+_buffer_st = st.one_of(st.none(), st.none(), st.integers(1, 8))
+
+bound_stage_st = st.one_of(
+    st.builds(
+        BoundStage,
+        kind=st.sampled_from(["map", "filter", "flat_map", "each"]),
+        workers=st.integers(1, 4),
+        ordered=st.booleans(),
+        mode=st.sampled_from(["thread", "thread", "coroutine", "executor"]),
+        policy=st.sampled_from([None, None, "skip", "retries"]),
+        fan=st.sampled_from([0, 1, 3, 10, 40]),
+        buffer=_buffer_st,
+    ),
+    st.builds(
+        BoundStage,
+        kind=st.sampled_from(["pipe", "batch", "take"]),
+        n=st.integers(1, 60),
+        buffer=_buffer_st,
+    ),
+)
+
+
+@st.composite
+def bound_case_st(draw: st.DrawFn) -> BoundCase:
+    """A random pipeline of every kind, over a modest number of items."""
+    stages = draw(st.lists(bound_stage_st, min_size=1, max_size=4))
+    parts = []
+    if draw(st.integers(0, 3)) == 0:
+        parts = draw(st.lists(st.lists(bound_stage_st, max_size=1), min_size=2, max_size=4))
+    for s in [*stages, *[s for chain in parts for s in chain]]:
+        if s.mode == "executor":
+            s.policy = None  # executor= takes no error policy
+    items = draw(st.sampled_from([20, 100, 300]))
+    # Keep the items made in all under a few thousand: fan-outs multiply.
+    spread = 1
+    for s in [*stages, *[s for chain in parts for s in chain]]:
+        if s.kind == "flat_map":
+            spread *= max(1, s.fan)
+    while items > 5 and items * spread > 5000:
+        items //= 2
+    return BoundCase(items, parts, stages)
+
+
+def check_bound_case(case: BoundCase, executor: Executor) -> None:
+    """Run one bound case: its peak of live items is within ``buffer_bound()`` (+1 in hand)."""
+    before = _run_threads()
+    tracker = Tracker()
+    pipeline = build_bound(case, tracker, executor)
+    try:
+        problem = check_bound(pipeline, tracker, join_timeout=_HANG_SECONDS)
+    except TimeoutError:
+        pytest.fail(f"hang: the run did not end within {_HANG_SECONDS} s: {case}")
+    for t in _run_threads() - before:
+        t.join(_THREAD_EXIT_SECONDS)
+        assert not t.is_alive(), f"thread {t.name} outlived its run: {case}"
+    assert problem is None, f"{problem}: {case}"
+    OUTCOMES["bound cases"] += 1
+
+
+@pytest.mark.timeout(120)
+@settings(_CI, max_examples=60)
+@given(case=bound_case_st())
+def test_random_pipelines_hold_no_more_items_than_buffer_bound(case: BoundCase, executor: Executor) -> None:
+    check_bound_case(case, executor)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(0)
+@settings(_CI, max_examples=max(1, SOAK_CASES // 5))
+@given(case=bound_case_st())
+def test_soak_random_pipelines_hold_no_more_items_than_buffer_bound(
+    case: BoundCase, executor: Executor
+) -> None:
+    check_bound_case(case, executor)
 
 
 # ------------------------------------------------------------------------------------ regressions
