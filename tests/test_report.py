@@ -88,3 +88,42 @@ def test_verdict_a_slow_consumer_or_source_is_outside_the_stages() -> None:
     source = Samples(50, fills((0.0, 0.97)), fills((0.0, 1.0))[0], None)
     report = flat(render_report(stats, finished_state(5.0, 0.3), Channel(4), source))
     assert "the source yields items slower" in report
+
+
+def test_verdict_a_stage_waiting_for_its_rate_limit_is_limited_by_rate_not_workers() -> None:
+    import dataclasses
+
+    limited = dataclasses.replace(
+        made("upload", util=0.02, busy=0.4, cpu=0.1, workers=4),
+        throttled_seconds=38.0,
+        rate=20.0,
+    )
+    report = flat(render_report([limited], finished_state(10.0, 0.5), Channel(4), None))
+    assert "bottleneck: stage 'upload' (map, 4 workers), limited by rate=20" in report
+    assert "more workers cannot help" in report
+    assert "try: more workers" not in report
+
+
+def test_the_reported_cpu_peak_is_never_below_the_mean() -> None:
+    samples = Samples(
+        count=3,
+        inputs=fills((0.0, 1.0)),
+        output=BufferFill(0.0, 0.0, 1.0),
+        resources=ResourceUse(cpu_peak=3.0, rss_mean=1e6, rss_peak=2_000_000),
+    )
+    stats = [made("parse", util=0.5, busy=1.0, cpu=0.1)]
+    report = flat(render_report(stats, finished_state(1.0, 0.08), Channel(4), samples))
+    assert "process CPU 0.08 s = 8% of one core (peak 8%)" in report, report
+
+
+def test_a_real_rate_limited_run_reports_the_rate_and_keeps_waits_out_of_busy_time() -> None:
+    from threadpipe import Pipeline
+
+    run = Pipeline.from_iter(range(30)).map(lambda x: x, workers=4, rate=30, name="send").start()
+    assert list(run) == list(range(30))
+    run.join(timeout=30)
+    (stats,) = run.stats()
+    assert stats.rate == 30.0
+    assert stats.throttled_seconds > 0.5  # 30 calls at 30/s: about a second of waiting
+    assert stats.busy_seconds < 0.2 < stats.throttled_seconds
+    assert "limited by rate=30" in flat(run.report())

@@ -508,6 +508,7 @@ class CoroutineStage(Runtime):
         # nothing to retrieve. Failures go to the run as values, KeyboardInterrupt included, so
         # nothing escapes into the loop.
         started = perf_counter()
+        throttled = [0.0]  # this call's waits for the rate limit: not busy time
         try:
             # A task starts on the loop's next turn: the stage may have been cut off since it was
             # made (a take() downstream has all it needs). No call starts after a cancel.
@@ -519,7 +520,7 @@ class CoroutineStage(Runtime):
                 elif self.spec.options.plain:
                     outputs = await self._timed(item, number)
                 else:
-                    outputs = await self._attempts(item, number)
+                    outputs = await self._attempts(item, number, throttled)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -534,7 +535,7 @@ class CoroutineStage(Runtime):
             counters = self.counters[0]
             counters.items_in += 1
             counters.items_out += len(outputs)
-            counters.busy_seconds += perf_counter() - started
+            counters.busy_seconds += perf_counter() - started - throttled[0]
             with self._lock:
                 self._results.append((number, outputs, None))
                 if self._emitter_waits:
@@ -618,7 +619,7 @@ class CoroutineStage(Runtime):
             return await self.spec.fn(item)
         return await self.spec.fn(item, await self._resource_value())
 
-    async def _attempts(self, item: Any, number: int) -> list[Any]:
+    async def _attempts(self, item: Any, number: int, throttled: list[float]) -> list[Any]:
         """The outputs of one item with the stage's rate limit, retries and error policy.
 
         The same rules as a thread stage's (see ``_calls.wrap`` and ``wrap_iter``), waiting with
@@ -632,8 +633,12 @@ class CoroutineStage(Runtime):
             if self._limiter is not None:
                 # As a thread's wait (``RateLimiter.wait``), sleeping on the loop between claims:
                 # what it waits for is a clock, not an event.
+                waiting = perf_counter()
                 while (delay := self._limiter.claim()) > 0:  # noqa: ASYNC110
                     await asyncio.sleep(delay)
+                waited = perf_counter() - waiting
+                self.counters[0].throttled_seconds += waited
+                throttled[0] += waited
             try:
                 return await self._timed(item, number, handed)
             except asyncio.CancelledError:

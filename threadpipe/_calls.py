@@ -173,18 +173,19 @@ class RateLimiter:
             self._last = now
             return 0.0
 
-    def wait(self) -> None:
-        """Return when this call may start (a worker thread's wait).
+    def wait(self) -> float:
+        """Return when this call may start (a worker thread's wait), with the seconds it waited.
 
         Raises:
             Cancelled: the stage's scope was cancelled while waiting.
         """
+        started = monotonic()
         while True:
             if self._cancelled.is_set():
                 raise Cancelled
             delay = self.claim()
             if delay <= 0:
-                return
+                return monotonic() - started
             if self._cancelled.wait(delay):
                 raise Cancelled
 
@@ -341,7 +342,7 @@ def wrap(
         attempt = 0
         while True:
             if limiter is not None:
-                limiter.wait()
+                counters.throttled_seconds += limiter.wait()
             try:
                 return fn(item, resource) if has_resource else fn(item)
             except BaseException as error:
@@ -407,7 +408,7 @@ def wrap_iter(
         attempt = 0
         while True:
             if limiter is not None:
-                limiter.wait()
+                counters.throttled_seconds += limiter.wait()
             try:
                 results = iter(fn(item, resource) if has_resource else fn(item))
                 first = next(results, _NOTHING)

@@ -127,18 +127,26 @@ def _verdict(
         return ["bottleneck: none (the pipeline has no stages)"]
     if not any(s.items_in for s in stats):
         return ["bottleneck: not known yet (no call has returned)"]
-    top = max(s.utilization for s in stats)
+
+    def occupied(s: StageStats) -> float:
+        # Busy, or waiting for its rate limit: either way its workers could take no more items.
+        capacity = s.workers * elapsed
+        return min(1.0, (s.busy_seconds + s.throttled_seconds) / capacity) if capacity > 0 else 0.0
+
+    top = max(occupied(s) for s in stats)
     if top < _BUSY:
         return _outside(stats, top, samples)
     # Ties are broken by the buffers: the true bottleneck has a full buffer before it and an empty
     # one after it. Without samples, the first of the busiest wins.
-    tied = [i for i, s in enumerate(stats) if s.utilization >= top - _TIE]
+    tied = [i for i, s in enumerate(stats) if occupied(s) >= top - _TIE]
     if samples is not None:
         fills = [*samples.inputs, samples.output]
-        index = max(tied, key=lambda i: (fills[i].full - fills[i + 1].full, stats[i].utilization))
+        index = max(tied, key=lambda i: (fills[i].full - fills[i + 1].full, occupied(stats[i])))
     else:
-        index = max(tied, key=lambda i: stats[i].utilization)
+        index = max(tied, key=lambda i: occupied(stats[i]))
     s = stats[index]
+    if s.rate is not None and s.throttled_seconds > s.busy_seconds:
+        return _rate_limited(s, occupied(s), elapsed)
     others = [o for o in stats if o is not s]
     lines = [f"bottleneck: stage {s.name!r} ({s.kind}, {s.workers} worker{'s' * (s.workers > 1)})"]
     why = f"its workers were busy {_pct(s.utilization)} of the time"
@@ -192,6 +200,19 @@ def _verdict(
             f" empty in {_pct(empty)} of samples, so upstream bursts left it idle"
         )
     return lines
+
+
+def _rate_limited(s: StageStats, occupied: float, elapsed: float) -> list[str]:
+    """The verdict on a bottleneck held back by its own ``rate=``: more workers cannot help."""
+    waited = s.throttled_seconds / (s.workers * elapsed) if elapsed > 0 else 0.0
+    return [
+        f"bottleneck: stage {s.name!r} ({s.kind}, {s.workers} worker{'s' * (s.workers > 1)}),"
+        f" limited by rate={s.rate:g}",
+        f"  why: its workers waited for its rate limit {_pct(waited)} of the time and were in"
+        f" the function {_pct(s.utilization)}: it runs as fast as rate= lets it",
+        f"  try: a higher rate= if the service allows it (now {s.rate:g} calls per second);"
+        " more workers cannot help",
+    ]
 
 
 def _outside(stats: Sequence[StageStats], top: float, samples: Samples | None) -> list[str]:
@@ -257,15 +278,17 @@ def render_report(
             f" stage, {out} out of the last"
         )
     ]
+    share = cpu / elapsed if elapsed > 0 else 0.0
+    # The samples may miss the run's busiest moments (a short run has few); the peak is never below
+    # the mean over the whole run.
     resources = (
         ""
         if samples is None or samples.resources is None
         else (
-            f" (peak {samples.resources.cpu_peak:.0f}%); memory peak"
+            f" (peak {max(samples.resources.cpu_peak, 100 * share):.0f}%); memory peak"
             f" {_mb(samples.resources.rss_peak)}, mean {_mb(samples.resources.rss_mean)}"
         )
     )
-    share = cpu / elapsed if elapsed > 0 else 0.0
     lines.append(f"process CPU {cpu:.2f} s = {_pct(share)} of one core{resources}")
     if samples is None and monitored:
         lines.append(f"(no samples yet: they are taken every {_INTERVAL} s)")

@@ -151,7 +151,8 @@ class _Counters:
 
     items_in: int = 0
     items_out: int = 0
-    busy_seconds: float = 0.0
+    busy_seconds: float = 0.0  # in the function, not counting waits for the rate limit
+    throttled_seconds: float = 0.0  # waiting for the stage's rate limit (``rate=``)
     errors: int = 0
     cpu_seconds: float | None = None  # the worker thread's CPU time, set as it exits
 
@@ -370,6 +371,7 @@ class Stage(Runtime):
                 if not taken:
                     return True
                 started = perf_counter()
+                throttled = counters.throttled_seconds
                 # One loop per kind, so the per-item path has no branch on the kind. Each checks
                 # the stop flag before every call: after a cancel the function is never called again.
                 outputs: list[Any]
@@ -407,7 +409,8 @@ class Stage(Runtime):
                 item = _NO_ITEM
                 counters.items_in += taken
                 counters.items_out += len(outputs)
-                counters.busy_seconds += elapsed
+                # Waiting for the rate limit is not work: a rate-limited stage is not "busy".
+                counters.busy_seconds += elapsed - (counters.throttled_seconds - throttled)
                 per_call = elapsed / taken
                 estimate = self.call_seconds
                 if estimate is not None:

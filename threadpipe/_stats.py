@@ -61,6 +61,9 @@ class StageStats:
         dropped: items the input buffer let go because it is a relief valve (0 otherwise).
         concurrency: the most calls that were in flight at once so far: a thread stage's
             started workers, a coroutine stage's coroutines, an executor stage's submitted calls.
+        throttled_seconds: seconds its calls waited for the stage's rate limit (``rate=``),
+            summed over the workers; not counted in ``busy_seconds`` or ``utilization``.
+        rate: the stage's ``rate=`` (calls per second), or None.
     """
 
     name: str
@@ -78,6 +81,8 @@ class StageStats:
     queue_capacity: int
     dropped: int = 0
     concurrency: int = 0
+    throttled_seconds: float = 0.0
+    rate: float | None = None
 
     @property
     def seconds_per_item(self) -> float | None:
@@ -220,6 +225,8 @@ def snapshot(stages: Sequence[Any], clock: Clock) -> tuple[StageStats, ...]:
                 queue_capacity=inp.maxsize,
                 dropped=getattr(inp, "dropped", 0),
                 concurrency=stage.concurrency,
+                throttled_seconds=sum(c.throttled_seconds for c in counters),
+                rate=spec.options.rate,
             )
         )
     return tuple(result)
