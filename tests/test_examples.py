@@ -164,3 +164,14 @@ def test_batch_upload_delivers_every_record_exactly_once_despite_failures() -> N
     assert lines[0].startswith("uploaded 300 records in 43 batches")
     assert lines[1] == "server saw 300 records, 300 distinct"
     assert lines[-1] == "every record exactly once: yes"
+
+
+@pytest.mark.timeout(60)
+def test_group_logs_reads_up_to_the_marker_and_matches_a_plain_loop() -> None:
+    lines = check_ok(run_example("group_logs.py", "--lines", "1500", "--hosts", "4", "--group", "40", timeout=50))
+    assert lines[0] == "wrote 1501 lines (1000 before the marker) to a temporary log"
+    assert lines[1].split() == ["host", "lines", "errors", "mean", "ms"]
+    assert [line.split()[0] for line in lines[2:6]] == ["web-1", "web-2", "web-3", "web-4"]
+    assert sum(int(line.split()[1]) for line in lines[2:6]) == 1000
+    assert re.fullmatch(r"read 1000 lines up to the marker, in \d+ groups of at most 40", lines[6])
+    assert lines[-1] == "the same totals as a plain loop: yes"

@@ -61,6 +61,9 @@ class StageStats:
         dropped: items the input buffer let go because it is a relief valve (0 otherwise).
         concurrency: the most calls that were in flight at once so far: a thread stage's
             started workers, a coroutine stage's coroutines, an executor stage's submitted calls.
+        abandoned: calls of a thread stage with ``timeout=`` that overran and were given up on;
+            each one's thread runs on until the call returns (its result is dropped), outside
+            the run.
     """
 
     name: str
@@ -78,6 +81,7 @@ class StageStats:
     queue_capacity: int
     dropped: int = 0
     concurrency: int = 0
+    abandoned: int = 0
 
     @property
     def seconds_per_item(self) -> float | None:
@@ -220,6 +224,7 @@ def snapshot(stages: Sequence[Any], clock: Clock) -> tuple[StageStats, ...]:
                 queue_capacity=inp.maxsize,
                 dropped=getattr(inp, "dropped", 0),
                 concurrency=stage.concurrency,
+                abandoned=sum(c.abandoned for c in counters),
             )
         )
     return tuple(result)
