@@ -438,7 +438,6 @@ def test_timeout_covers_a_whole_flat_map() -> None:
 @pytest.mark.parametrize(
     ("fn", "timeout", "error", "match"),
     [
-        (lambda x: x, 1.0, TypeError, "timeout=1.0 applies to coroutine stages only"),
         (double, 0, ValueError, "timeout must be a finite number of seconds > 0, got 0"),
         (double, -1.5, ValueError, "got -1.5"),
         (double, float("nan"), ValueError, "got nan"),

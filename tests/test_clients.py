@@ -336,3 +336,13 @@ def test_a_process_resource_factory_must_pickle() -> None:
             which_resource, executor="processes", resource=lambda: None
         ).to_list()
     assert any("resource factory" in note for note in getattr(info.value, "__notes__", ()))
+
+
+def test_a_coroutine_stage_takes_a_timeout_and_a_resource_together(
+    resources: list[AsyncResource],
+) -> None:
+    async def call(x: int, resource: AsyncResource) -> int:
+        return x
+
+    out = Pipeline.from_iter(range(5)).map(call, timeout=5, resource=AsyncResource).to_list()
+    assert out == [0, 1, 2, 3, 4]

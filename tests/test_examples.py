@@ -175,3 +175,14 @@ def test_async_fetch_gets_every_page_in_order_with_its_session_closed() -> None:
     )
     assert lines[3] == "... 80 pages in input order, 80 distinct digests"
     assert lines[4].startswith("80 pages in ") and "40 requests in flight" in lines[4]
+
+
+@pytest.mark.timeout(60)
+def test_group_logs_reads_up_to_the_marker_and_matches_a_plain_loop() -> None:
+    lines = check_ok(run_example("group_logs.py", "--lines", "1500", "--hosts", "4", "--group", "40", timeout=50))
+    assert lines[0] == "wrote 1501 lines (1000 before the marker) to a temporary log"
+    assert lines[1].split() == ["host", "lines", "errors", "mean", "ms"]
+    assert [line.split()[0] for line in lines[2:6]] == ["web-1", "web-2", "web-3", "web-4"]
+    assert sum(int(line.split()[1]) for line in lines[2:6]) == 1000
+    assert re.fullmatch(r"read 1000 lines up to the marker, in \d+ groups of at most 40", lines[6])
+    assert lines[-1] == "the same totals as a plain loop: yes"

@@ -76,7 +76,7 @@ def test_reiterable_source_can_run_again_and_one_shot_source_cannot() -> None:
         (lambda p: p.map(double, workers=True), TypeError, ["workers", "True"]),
         (lambda p: p.map(double, workers="4"), TypeError, ["workers", "'4'"]),
         (lambda p: p.map(3), TypeError, ["fn", "3"]),
-        (lambda p: p.filter(None), TypeError, ["fn", "None"]),
+        (lambda p: p.each(None), TypeError, ["fn", "None"]),
         (lambda p: p.map(double, ordered="yes"), TypeError, ["ordered", "'yes'"]),
         (lambda p: p.map(double, name=""), TypeError, ["name", "''"]),
         (lambda p: p.backpressure(0), ValueError, ["n", "0"]),
@@ -211,3 +211,23 @@ def test_tqdm_over_a_pipeline_or_a_run_shows_the_total(monkeypatch: pytest.Monke
     with tqdm(run, file=io.StringIO(), disable=False) as bar:
         assert bar.total == 7
         assert sum(1 for _ in bar) == 7
+
+
+def test_over_runs_the_same_stages_over_other_inputs() -> None:
+    chain = Pipeline.from_iter([]).map(double, workers=3).filter(lambda x: x % 3 != 0).backpressure(4)
+    assert chain.to_list() == []
+    assert chain.over([1, 2, 3]).to_list() == [2, 4]
+    assert chain.over(range(10)).to_list() == [2 * x for x in range(10) if 2 * x % 3 != 0]
+    over_gen = chain.over(x for x in range(7))
+    assert over_gen.to_list() == [2, 4, 8, 10]
+    with pytest.raises(tp.SourceConsumedError):
+        over_gen.start()  # a one-shot source feeds one run of the pipeline over it
+    assert chain.over(x for x in range(7)).to_list() == [2, 4, 8, 10]  # a fresh one: fine
+    over = chain.over(range(3))
+    assert over.stage_names == chain.stage_names and over.output_capacity == 4
+    assert chain.to_list() == []  # unchanged
+
+
+def test_over_needs_an_iterable_and_says_so() -> None:
+    with pytest.raises(TypeError, match=r"over\(iterable\) needs an iterable, got 42"):
+        Pipeline.from_iter([]).over(42)  # type: ignore[arg-type]

@@ -74,20 +74,21 @@ def coroutine_kind(kind: str, fn: Callable[..., Any]) -> str | None:
     return None
 
 
-def check_timeout(timeout: object, coroutine: bool) -> float | None:
+def check_timeout(timeout: object, executor: bool) -> float | None:
     """Validate the ``timeout=`` argument of a stage.
+
+    A coroutine stage cancels a call that overruns; a thread stage abandons it (see
+    ``_timeout.py``); a stage on an executor has no way to do either.
 
     Args:
         timeout: seconds allowed per call, or None for no limit.
-        coroutine: whether the stage is a coroutine stage (the only kind a timeout applies to).
+        executor: whether the stage runs its calls on an executor.
 
     Returns:
         The timeout as a float, or None.
 
     Raises:
-        TypeError: ``timeout`` is not a number, or is given for a stage whose function is not a
-            coroutine function (a running thread cannot be interrupted, so there is nothing a
-            timeout could cancel).
+        TypeError: ``timeout`` is not a number, or is given for a stage with ``executor=``.
         ValueError: ``timeout`` is not a finite number > 0.
     """
     if timeout is None:
@@ -97,10 +98,10 @@ def check_timeout(timeout: object, coroutine: bool) -> float | None:
             f"timeout must be a number of seconds > 0 or None, got {describe(timeout)} "
             f"({type(timeout).__qualname__})"
         )
-    if not coroutine:
+    if executor:
         raise TypeError(
-            f"timeout={timeout!r} applies to coroutine stages only (an async def function): "
-            "a call running in a thread cannot be cancelled"
+            f"timeout={timeout!r} is not available with executor=: the calls run elsewhere, "
+            "where the stage can neither cancel nor abandon them"
         )
     if not (timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")

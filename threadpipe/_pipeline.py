@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
+    Hashable,
     Iterable,
     Iterator,
     Mapping,
@@ -30,8 +32,8 @@ from ._calls import CallOptions, check_options
 from ._coroutine import check_timeout, coroutine_kind
 from ._errors import describe
 from ._executor import check_executor
-from ._merge import MergeSource
-from ._operators import BATCH, PIPE, TAKE
+from ._composed import ConcatSource, MergeSource
+from ._operators import BATCH, GROUP_BY, PIPE, SKIP_WHILE, TAKE, TAKE_WHILE
 from ._progress import check_progress, source_length
 from ._run import Run
 from ._source import SOURCE_NAME, QueueSource, Source
@@ -46,6 +48,7 @@ __all__ = ["DEFAULT_BUFFER", "Pipeline"]
 
 T = TypeVar("T")
 U = TypeVar("U")
+K = TypeVar("K", bound=Hashable)
 
 DEFAULT_BUFFER: Final = 32
 """Capacity of every buffer that ``backpressure()`` does not size."""
@@ -63,9 +66,26 @@ def _check_count(call: str, param: str, value: object, least: int = 1) -> int:
     return value
 
 
-def _check_callable(param: str, value: object) -> None:
+def _check_callable(param: str, value: object, call: str | None = None) -> None:
     if not callable(value):
-        raise TypeError(f"{param} must be callable, got {describe(value)} ({type(value).__qualname__})")
+        where = f"{call}(): " if call else ""
+        raise TypeError(
+            f"{where}{param} must be callable, got {describe(value)} ({type(value).__qualname__})"
+        )
+
+
+def _check_seconds(call: str, param: str, value: object) -> float | None:
+    """Check a duration argument (None, or a finite number > 0); the message names the call,
+    the parameter and the value."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{call}(): {param} must be a number of seconds > 0 or None, got {describe(value)}"
+        )
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{call}(): {param} must be a number of seconds > 0 or None, got {value}")
+    return float(value)
 
 
 class CallKwargs(TypedDict, total=False):
@@ -163,7 +183,7 @@ class Pipeline(Generic[T]):
 
     def __init__(
         self,
-        source: Source | AsyncSource | QueueSource | MergeSource,
+        source: Source | AsyncSource | QueueSource | MergeSource | ConcatSource,
         stages: tuple[StageSpec, ...] = (),
         next_capacity: int | None = None,
         next_relief: bool = False,
@@ -235,6 +255,29 @@ class Pipeline(Generic[T]):
         return cls(MergeSource(pipelines))
 
     @classmethod
+    def concat(cls, *pipelines: Pipeline[T]) -> Pipeline[T]:
+        """Build a pipeline whose source is the outputs of several pipelines, one after another.
+
+        All outputs of the first pipeline, in its order, then all of the second, and so on
+        (:meth:`merge` interleaves them instead). Each runs as a run of its own, started only once
+        the run before it has ended; the source ends when the last has. A failure in any of them
+        fails the concatenated run with that very exception and starts none of the rest;
+        cancelling the concatenated run (or a ``take()`` after it having all it needs) cancels the
+        run under way and starts no other. A pipeline whose one-shot source an earlier run
+        consumed fails the run with ``SourceConsumedError`` when its turn comes.
+
+        Args:
+            pipelines: the pipelines to concatenate, at least one.
+
+        Returns:
+            A pipeline with no stages yet.
+
+        Raises:
+            TypeError: no pipeline given, or an argument is not a Pipeline.
+        """
+        return cls(ConcatSource(pipelines))
+
+    @classmethod
     def from_async_iter(cls, aiterable: AsyncIterable[T]) -> Pipeline[T]:
         """Build a pipeline whose source is the async iterable ``aiterable`` (an async generator).
 
@@ -258,6 +301,26 @@ class Pipeline(Generic[T]):
 
         return cls(AsyncSource(aiterable))
 
+    def over(self, iterable: Iterable[Any]) -> Pipeline[T]:
+        """Build a pipeline with this one's stages and buffers, fed by ``iterable`` instead.
+
+        A chain built once can so run over many inputs, one-shot generators included: each call
+        makes a new pipeline with a source of its own, as :meth:`from_iter` does, and leaves this
+        one unchanged.
+
+        Args:
+            iterable: the items to feed.
+
+        Returns:
+            A new pipeline with the same stages.
+
+        Raises:
+            TypeError: ``iterable`` is not iterable.
+        """
+        return Pipeline(
+            Source(iterable, "over"), self._stages, self._next_capacity, self._next_relief
+        )
+
     def _add(
         self,
         kind: str,
@@ -273,8 +336,15 @@ class Pipeline(Generic[T]):
         _check_count(kind, "workers", workers)
         check_executor(executor)
         coroutine = coroutine_kind(kind, fn)
-        timeout = check_timeout(timeout, coroutine is not None)
+        timeout = check_timeout(timeout, executor is not None)
         options = _call_options(kind, call, executor)
+        if timeout is not None and options.resource is not None and coroutine is None:
+            # A coroutine stage cancels an overrunning call; a thread stage can only abandon it.
+            raise TypeError(
+                f"{kind}(): timeout= with resource= on a thread stage: a call given up on keeps "
+                "running with its worker's resource, which the worker would go on using; use "
+                "the resource's own timeout"
+            )
         if coroutine is not None and executor is not None:
             raise TypeError(
                 f"executor={describe(executor)} takes a plain function; {describe(fn)} is a "
@@ -299,7 +369,7 @@ class Pipeline(Generic[T]):
     def _operator(
         self, kind: str, name: str, fn: Callable[..., Any], arg: Any = None
     ) -> Pipeline[Any]:
-        """Add a one-thread stream operator (``pipe``, ``take``, ``batch``)."""
+        """Add a one-thread stream operator (``pipe``, ``take``, ``batch``, ``group_by``...)."""
         unique = _unique(name, self._stages)
         capacity = DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
         spec = StageSpec(kind, fn, 1, True, unique, capacity, arg=arg, relief=self._next_relief)
@@ -327,7 +397,7 @@ class Pipeline(Generic[T]):
         ordered: bool = ...,
         name: str | None = ...,
         executor: Executor | Literal["processes"] | None = ...,
-        timeout: None = ...,
+        timeout: float | None = ...,
         **call: Unpack[CallKwargs],
     ) -> Pipeline[U]: ...
 
@@ -359,9 +429,14 @@ class Pipeline(Generic[T]):
                 ``"processes"`` for a ``ProcessPoolExecutor(workers)`` that each run creates and
                 shuts down. ``fn`` and the items must then pickle. On cancel, calls not started
                 are cancelled and calls already running are not waited for.
-            timeout: coroutine stages only: the most seconds one call may take. A call that
-                overruns is cancelled, and the run fails with ``TimeoutError`` (noted with the
-                stage and the item, as any failure).
+            timeout: the most seconds one call may take; the call's item then fails with
+                ``TimeoutError`` (noted with the stage and the item), which ``retries`` and
+                ``on_error`` handle like any failure. A coroutine stage cancels the call. A thread
+                stage cannot interrupt it: it abandons it (its thread runs on until the call
+                returns, then exits; the result is dropped) and makes its next calls on a fresh
+                thread, so at most ``workers`` calls that count run at once. Abandoned calls are
+                counted in ``StageStats.abandoned``; ``join()`` does not wait for them. Not with
+                ``executor=`` or ``resource=``.
 
         Returns:
             A new pipeline ending in this stage.
@@ -369,15 +444,15 @@ class Pipeline(Generic[T]):
         Raises:
             TypeError: ``fn`` is not callable, an argument has the wrong type, ``executor`` is
                 neither an ``Executor`` nor ``"processes"`` or is given with a coroutine function,
-                ``timeout`` is given for a plain function, or ``fn`` is an async generator
-                function (only ``flat_map`` takes one).
+                ``timeout`` is given with ``executor`` or ``resource``, or ``fn`` is an async
+                generator function (only ``flat_map`` takes one).
             ValueError: ``workers`` < 1, ``name`` is taken, or ``timeout`` is not > 0.
         """
         return self._add(MAP, fn, workers, ordered, name, executor, timeout, call)
 
     def filter(
         self,
-        pred: Callable[[T], object],
+        pred: Callable[[T], object] | None = None,
         *,
         workers: int = 1,
         ordered: bool = True,
@@ -388,10 +463,15 @@ class Pipeline(Generic[T]):
     ) -> Pipeline[T]:
         """Add a stage that keeps the items for which ``pred(item)`` is true.
 
-        An async ``pred`` makes a coroutine stage: the awaited result decides.
+        Without ``pred`` (or with None), keeps the items that are true themselves, as the
+        built-in ``filter(None, items)`` does; the stage is then named ``filter``. An async
+        ``pred`` makes a coroutine stage: the awaited result decides.
 
         Args and raises are those of :meth:`map`.
         """
+        if pred is None:
+            pred = bool
+            name = _unique(FILTER, self._stages) if name is None else name
         return self._add(FILTER, pred, workers, ordered, name, executor, timeout, call)
 
     @overload
@@ -416,7 +496,7 @@ class Pipeline(Generic[T]):
         ordered: bool = ...,
         name: str | None = ...,
         executor: Executor | Literal["processes"] | None = ...,
-        timeout: None = ...,
+        timeout: float | None = ...,
         **call: Unpack[CallKwargs],
     ) -> Pipeline[U]: ...
 
@@ -548,12 +628,47 @@ class Pipeline(Generic[T]):
             ValueError: ``n`` < 1 or ``timeout`` <= 0.
         """
         _check_count("batch", "n", n)
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-                raise TypeError(f"batch(): timeout must be a number of seconds > 0 or None, got {describe(timeout)}")
-            if not timeout > 0:
-                raise ValueError(f"batch(): timeout must be a number of seconds > 0 or None, got {timeout}")
-        return self._operator(BATCH, BATCH, _no_call, (n, None if timeout is None else float(timeout)))
+        seconds = _check_seconds("batch", "timeout", timeout)
+        return self._operator(BATCH, BATCH, _no_call, (n, seconds))
+
+    def group_by(
+        self,
+        key: Callable[[T], K],
+        n: int,
+        *,
+        timeout: float | None = None,
+        max_open: int = 1024,
+    ) -> Pipeline[tuple[K, list[T]]]:
+        """Add a stage that groups items by ``key(item)`` into ``(k, [items])`` tuples.
+
+        One list per key, its items in arrival order. A key's group goes out when it holds ``n``
+        items; when its first item has waited ``timeout`` seconds; when more than ``max_open``
+        groups are open (the oldest open group goes out first); and at the end of input (every
+        open group, oldest first). The next item of a key whose group went out opens a new one.
+        ``key`` runs in the stage's one thread, item by item; its keys must be hashable. Memory
+        is bounded: at most ``max_open`` groups of fewer than ``n`` items are open, and
+        ``buffer_bound()`` counts ``n * max_open`` for them.
+
+        Args:
+            key: a function of an item returning its (hashable) key.
+            n: the most items in a group, >= 1.
+            timeout: the most seconds an item waits for its group to fill, > 0; None to wait for
+                a full group (or another reason to go out).
+            max_open: the most groups open at once, >= 1.
+
+        Returns:
+            A new pipeline of ``(key, items)`` tuples.
+
+        Raises:
+            TypeError: ``key`` is not callable, ``n`` or ``max_open`` is not an int, or
+                ``timeout`` not a number.
+            ValueError: ``n`` or ``max_open`` < 1, or ``timeout`` not a finite number > 0.
+        """
+        _check_callable("key", key, "group_by")
+        _check_count("group_by", "n", n)
+        seconds = _check_seconds("group_by", "timeout", timeout)
+        _check_count("group_by", "max_open", max_open)
+        return self._operator(GROUP_BY, GROUP_BY, key, (n, seconds, max_open))
 
     def flatten(self: Pipeline[Iterable[U]]) -> Pipeline[U]:
         """Add a stage that passes on the elements of each (iterable) item: the inverse of batch.
@@ -608,6 +723,39 @@ class Pipeline(Generic[T]):
         _check_count("take", "n", n, least=0)
         return self._operator(TAKE, TAKE, _no_call, n)
 
+    def take_while(self, pred: Callable[[T], object]) -> Pipeline[T]:
+        """Add a stage that passes on items while ``pred(item)`` is true, then ends the run.
+
+        At the first item for which ``pred`` is false, that item and everything after it are
+        dropped and the run ends as with :meth:`take`: the stages after it finish the items they
+        have and end normally, everything before it stops at once (a generator source is
+        closed). ``pred`` runs in the stage's one thread, in input order, as
+        ``itertools.takewhile`` calls it.
+
+        Args:
+            pred: a function of an item; its result is taken as true or false.
+
+        Returns:
+            A new pipeline.
+
+        Raises:
+            TypeError: ``pred`` is not callable.
+        """
+        _check_callable("pred", pred, "take_while")
+        return self._operator(TAKE_WHILE, TAKE_WHILE, pred)
+
+    def skip_while(self, pred: Callable[[T], object]) -> Pipeline[T]:
+        """Add a stage that drops items while ``pred(item)`` is true, then passes on the rest.
+
+        From the first item for which ``pred`` is false, every item passes, whatever ``pred``
+        would say of it (it is not called again), as ``itertools.dropwhile`` does. ``pred`` runs
+        in the stage's one thread, in input order.
+
+        Args, returns and raises are those of :meth:`take_while`.
+        """
+        _check_callable("pred", pred, "skip_while")
+        return self._operator(SKIP_WHILE, SKIP_WHILE, pred)
+
     # ------------------------------------------------------------------ facts
 
     @property
@@ -631,8 +779,10 @@ class Pipeline(Generic[T]):
         output buffer's worth per worker while it streams; and the output buffer twice (the
         buffer, and the batch the caller's iterator took from it). Items are counted where they
         are: a ``flat_map`` stage's outputs count as many items as it yields, and a list that
-        ``batch(n)`` made counts as the ``n`` items in it. A merged source counts the bounds of
-        the pipelines it merges. Each kind of stage declares its share (``held``) next to the
+        ``batch(n)`` made (or a group of ``group_by(key, n)``) counts as the ``n`` items in it;
+        ``group_by`` also holds its open groups, ``n * max_open`` items. A merged source counts
+        the bounds of the pipelines it merges, a concatenated one the largest of them (one runs
+        at a time). Each kind of stage declares its share (``held``) next to the
         code that holds the items. Not bounded: what a ``pipe()`` function keeps in its own state,
         and the outputs of one call of an ``async def`` or executor ``flat_map``, which arrive
         together (they count as the one item they came from).

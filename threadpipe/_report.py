@@ -306,6 +306,12 @@ def render_report(
     lines.append(tail)
     lines.append("(threads: started/allowed; util: busy s / (allowed threads x elapsed);")
     lines.append(" buffer: the stage's input buffer now; mean: its mean fill)")
+    for s in stats:
+        if s.abandoned:
+            lines.append(
+                f"abandoned: {s.abandoned} call(s) of {s.name!r} overran timeout= (their threads"
+                " run on until the calls return)"
+            )
     lines.append("")
     if samples is not None and samples.count < _MIN_SAMPLES:
         lines.append(f"(the verdict ignores the buffers: {samples.count} samples are too few)")

@@ -43,6 +43,7 @@ class Source:
 
     Args:
         iterable: the items to feed.
+        call: the building call's name, for the message of a bad argument.
 
     Raises:
         TypeError: ``iterable`` is not iterable.
@@ -50,10 +51,10 @@ class Source:
 
     is_async = False  # iterated on the run's event loop
 
-    def __init__(self, iterable: Iterable[Any]) -> None:
+    def __init__(self, iterable: Iterable[Any], call: str = "from_iter") -> None:
         if not _is_iterable(iterable):
             raise TypeError(
-                f"from_iter(iterable) needs an iterable, got {describe(iterable)} "
+                f"{call}(iterable) needs an iterable, got {describe(iterable)} "
                 f"of type {type(iterable).__qualname__}"
             )
         self.iterable = iterable

@@ -28,6 +28,7 @@ from ._errors import label
 from ._reorder import Reorder
 from ._scope import Cancelled, Scope
 from ._threads import Crew
+from ._timeout import Timed
 
 if TYPE_CHECKING:
     from ._run import RunState
@@ -37,9 +38,12 @@ __all__ = [
     "EACH",
     "FILTER",
     "FLAT_MAP",
+    "GROUP_BY",
     "MAP",
     "PIPE",
+    "SKIP_WHILE",
     "TAKE",
+    "TAKE_WHILE",
     "Stage",
     "StageSpec",
     "Runtime",
@@ -54,6 +58,9 @@ EACH: Final = "each"
 PIPE: Final = "pipe"
 BATCH: Final = "batch"
 TAKE: Final = "take"
+TAKE_WHILE: Final = "take_while"
+SKIP_WHILE: Final = "skip_while"
+GROUP_BY: Final = "group_by"
 
 # A batch is sized so that the calls in it take about this long: long enough to amortise the lock
 # round-trips of taking and putting, short enough that slow items are still shared between workers.
@@ -92,9 +99,11 @@ class StageSpec:
         coroutine: None for a plain function; ``"coroutine"`` or (flat_map only) ``"async_gen"``
             when ``fn`` is async and the calls run on the run's event loop (see ``_aio.py``);
             ``workers`` is then the most coroutines in flight.
-        timeout: seconds allowed per call of a coroutine stage, or None.
+        timeout: seconds allowed per call, or None: a coroutine stage cancels an overrunning call,
+            a thread stage abandons it (see ``_timeout.py``).
         options: how each call is made: retries, rate limit, error policy, resource.
-        arg: an operator's argument (``take``'s count, ``batch``'s size and timeout).
+        arg: an operator's argument (``take``'s count, ``batch``'s size and timeout,
+            ``group_by``'s size, timeout and most open groups).
         relief: the input buffer is a relief valve: it drops its oldest item rather than wait.
     """
 
@@ -155,6 +164,7 @@ class _Counters:
     throttled_seconds: float = 0.0  # waiting for the stage's rate limit (``rate=``)
     errors: int = 0
     cpu_seconds: float | None = None  # the worker thread's CPU time, set as it exits
+    abandoned: int = 0  # calls given up on after their timeout (see ``_timeout.py``)
 
 
 class Runtime:
@@ -329,6 +339,12 @@ class Stage(Runtime):
         trace = self.run.trace
         scope = self.scope
         stop = scope.cancelled
+        timed: Timed | None = None
+        if spec.timeout is not None:
+            # Each call goes to a thread the worker can stop waiting for; inside the call core,
+            # so that an overrun is retried and handled like any failure.
+            name = f"{spec.name}-{index}"
+            fn = timed = Timed(fn, spec.timeout, name, counters, kind is FLAT_MAP)
         if kind is FLAT_MAP or not options.plain:
             # Built once per worker, with its own resource: the plain path stays ``fn(item)``.
             resource = None
@@ -432,6 +448,8 @@ class Stage(Runtime):
         finally:
             # Once per thread, not per batch: tells CPU-bound stages from waiting ones after a run.
             counters.cpu_seconds = thread_time()
+            if timed is not None:
+                timed.close()
             if release is not None:
                 try:
                     release(failure)  # the worker's resource, also on failure and cancel

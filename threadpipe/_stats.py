@@ -64,6 +64,9 @@ class StageStats:
         throttled_seconds: seconds its calls waited for the stage's rate limit (``rate=``),
             summed over the workers; not counted in ``busy_seconds`` or ``utilization``.
         rate: the stage's ``rate=`` (calls per second), or None.
+        abandoned: calls of a thread stage with ``timeout=`` that overran and were given up on;
+            each one's thread runs on until the call returns (its result is dropped), outside
+            the run.
     """
 
     name: str
@@ -83,6 +86,7 @@ class StageStats:
     concurrency: int = 0
     throttled_seconds: float = 0.0
     rate: float | None = None
+    abandoned: int = 0
 
     @property
     def seconds_per_item(self) -> float | None:
@@ -227,6 +231,7 @@ def snapshot(stages: Sequence[Any], clock: Clock) -> tuple[StageStats, ...]:
                 concurrency=stage.concurrency,
                 throttled_seconds=sum(c.throttled_seconds for c in counters),
                 rate=spec.options.rate,
+                abandoned=sum(c.abandoned for c in counters),
             )
         )
     return tuple(result)

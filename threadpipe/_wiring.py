@@ -19,11 +19,25 @@ from typing import TYPE_CHECKING, Any, Final
 from ._channel import Channel, ReliefChannel
 from ._executor import ExecutorStage
 from ._monitor import Monitor
-from ._operators import BATCH, OPERATOR_KINDS, PIPE, TAKE, BatchStage, PipeStage, TakeStage
+from ._operators import (
+    BATCH,
+    GROUP_BY,
+    OPERATOR_KINDS,
+    PIPE,
+    SKIP_WHILE,
+    TAKE,
+    TAKE_WHILE,
+    BatchStage,
+    GroupStage,
+    PipeStage,
+    SkipWhileStage,
+    TakeStage,
+    TakeWhileStage,
+)
 from ._progress import Bars, source_length
 from ._run import Run, RunState
 from ._source import SOURCE_NAME
-from ._stage import Stage, StageSpec
+from ._stage import Runtime, Stage, StageSpec
 from ._trace import Tracer
 
 if TYPE_CHECKING:
@@ -31,14 +45,17 @@ if TYPE_CHECKING:
 
 __all__ = ["runtime_of", "wire"]
 
-_OPERATOR_RUNTIMES: Final[dict[str, type[PipeStage | TakeStage | BatchStage]]] = {
+_OPERATOR_RUNTIMES: Final[dict[str, type[Runtime]]] = {
     PIPE: PipeStage,
     TAKE: TakeStage,
+    TAKE_WHILE: TakeWhileStage,
+    SKIP_WHILE: SkipWhileStage,
     BATCH: BatchStage,
+    GROUP_BY: GroupStage,
 }
 
 # Stream operators that can end a run early: each starts a new segment (see ``_scope``).
-_CUT_POINTS: Final = frozenset({PIPE, TAKE})
+_CUT_POINTS: Final = frozenset({PIPE, TAKE, TAKE_WHILE})
 
 
 def runtime_of(spec: StageSpec) -> type[Any]:
