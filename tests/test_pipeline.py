@@ -231,3 +231,37 @@ def test_over_runs_the_same_stages_over_other_inputs() -> None:
 def test_over_needs_an_iterable_and_says_so() -> None:
     with pytest.raises(TypeError, match=r"over\(iterable\) needs an iterable, got 42"):
         Pipeline.from_iter([]).over(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["map", "filter", "flat_map", "each"])
+def test_the_call_options_are_spelled_out_in_the_signature_and_the_docs(method: str) -> None:
+    import inspect
+
+    params = inspect.signature(getattr(Pipeline, method)).parameters
+    for option in ("retries", "retry_delay", "retry_on", "rate", "on_error", "resource",
+                   "timeout", "executor", "workers", "ordered", "name"):
+        assert option in params, option
+        assert params[option].kind is inspect.Parameter.KEYWORD_ONLY
+    doc = Pipeline.map.__doc__ or ""
+    for option in ("retries:", "retry_delay:", "retry_on:", "rate:", "on_error:", "resource:"):
+        assert option in doc, option
+
+
+def test_the_internal_constructor_stays_out_of_sight() -> None:
+    import pydoc
+
+    text = pydoc.render_doc(Pipeline, renderer=pydoc.plaintext)
+    # The class's signature is the bare Pipeline(), not the source/stages constructor.
+    assert "Pipeline(source" not in text and "next_capacity: int" not in text
+    with pytest.raises(TypeError, match=r"Pipeline\.from_iter"):
+        Pipeline()  # type: ignore[call-arg]
+
+
+def test_call_options_with_their_defaults_do_not_count_as_given() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        p = Pipeline.from_iter([1, 2]).map(abs, executor=pool, retries=0, rate=None)
+        assert p.to_list() == [1, 2]
+        with pytest.raises(TypeError, match="retries: not available with executor="):
+            Pipeline.from_iter([1]).map(abs, executor=pool, retries=1)

@@ -25,6 +25,7 @@ from typing import (
     TypedDict,
     TypeVar,
     Unpack,
+    cast,
     overload,
 )
 
@@ -145,6 +146,41 @@ def _call_options(
     return options
 
 
+def _given(
+    on_error: object,
+    retries: object,
+    retry_delay: object,
+    retry_on: object,
+    rate: object,
+    resource: object,
+) -> CallKwargs:
+    """The call options given with other than their default values (checked by ``_add``)."""
+    values = {
+        "on_error": on_error,
+        "retries": retries,
+        "retry_delay": retry_delay,
+        "retry_on": retry_on,
+        "rate": rate,
+        "resource": resource,
+    }
+    given = {
+        key: value
+        for key, value in values.items()
+        if value is not _CALL_DEFAULTS[key] and value != _CALL_DEFAULTS[key]
+    }
+    return cast("CallKwargs", given)
+
+
+_CALL_DEFAULTS: Final[dict[str, object]] = {
+    "on_error": "raise",
+    "retries": 0,
+    "retry_delay": 0.1,
+    "retry_on": Exception,
+    "rate": None,
+    "resource": None,
+}
+
+
 def _no_call(item: Any) -> Any:
     """The function slot of operators that call none (``take``, ``batch``)."""
     raise AssertionError("never called")
@@ -174,26 +210,47 @@ def _default_name(kind: str, fn: Callable[..., Any]) -> str:
 class Pipeline(Generic[T]):
     """A source and a chain of stages; immutable, lazy, and started into runs.
 
-    Every builder method returns a new pipeline and leaves this one unchanged, so a pipeline can be
+    Start from a source: :meth:`from_iter`, :meth:`from_async_iter`, :meth:`from_queue`,
+    :meth:`merge` or :meth:`concat`. Every builder method returns a new pipeline and leaves this one unchanged, so a pipeline can be
     extended in several ways. Nothing runs until :meth:`start`, iteration, :meth:`run` or
     :meth:`to_list`.
     """
 
     __slots__ = ("_next_capacity", "_next_relief", "_source", "_stages")
+    _source: Source | AsyncSource | QueueSource | MergeSource | ConcatSource
+    _stages: tuple[StageSpec, ...]
+    _next_capacity: int | None
+    _next_relief: bool
 
-    def __init__(
-        self,
+    def __init__(self) -> None:
+        """Not called directly: a pipeline starts from a source, with :meth:`from_iter`,
+        :meth:`from_async_iter`, :meth:`from_queue`, :meth:`merge` or :meth:`concat`.
+
+        Raises:
+            TypeError: always.
+        """
+        raise TypeError(
+            "Pipeline() is not called directly: start from a source, "
+            "Pipeline.from_iter(iterable) (or from_async_iter, from_queue, merge, concat)"
+        )
+
+    @classmethod
+    def _make(
+        cls,
         source: Source | AsyncSource | QueueSource | MergeSource | ConcatSource,
         stages: tuple[StageSpec, ...] = (),
         next_capacity: int | None = None,
         next_relief: bool = False,
-    ) -> None:
+    ) -> Pipeline[Any]:
+        """The internal constructor: a pipeline of ``source`` and ``stages``."""
+        self: Pipeline[Any] = object.__new__(cls)
         self._source = source
         self._stages = stages
         # Set by backpressure() or relief_valve() for the buffer after the last stage: it becomes
         # the input buffer of the next stage added, or the output buffer if none is.
         self._next_capacity = next_capacity
         self._next_relief = next_relief
+        return self
 
     # ------------------------------------------------------------------ building
 
@@ -213,7 +270,7 @@ class Pipeline(Generic[T]):
         Raises:
             TypeError: ``iterable`` is not iterable.
         """
-        return cls(Source(iterable))
+        return cls._make(Source(iterable))
 
     @classmethod
     def from_queue(cls, q: Any, *, sentinel: object) -> Pipeline[Any]:
@@ -233,7 +290,7 @@ class Pipeline(Generic[T]):
         Raises:
             TypeError: ``q`` is not a queue.
         """
-        return cls(QueueSource(q, sentinel))
+        return cls._make(QueueSource(q, sentinel))
 
     @classmethod
     def merge(cls, *pipelines: Pipeline[T]) -> Pipeline[T]:
@@ -252,7 +309,7 @@ class Pipeline(Generic[T]):
         Raises:
             TypeError: no pipeline given, or an argument is not a Pipeline.
         """
-        return cls(MergeSource(pipelines))
+        return cls._make(MergeSource(pipelines))
 
     @classmethod
     def concat(cls, *pipelines: Pipeline[T]) -> Pipeline[T]:
@@ -275,7 +332,7 @@ class Pipeline(Generic[T]):
         Raises:
             TypeError: no pipeline given, or an argument is not a Pipeline.
         """
-        return cls(ConcatSource(pipelines))
+        return cls._make(ConcatSource(pipelines))
 
     @classmethod
     def from_async_iter(cls, aiterable: AsyncIterable[T]) -> Pipeline[T]:
@@ -299,7 +356,7 @@ class Pipeline(Generic[T]):
         """
         from ._aio import AsyncSource  # here, not at the top: only async pipelines import asyncio
 
-        return cls(AsyncSource(aiterable))
+        return cls._make(AsyncSource(aiterable))
 
     def over(self, iterable: Iterable[Any]) -> Pipeline[T]:
         """Build a pipeline with this one's stages and buffers, fed by ``iterable`` instead.
@@ -317,7 +374,7 @@ class Pipeline(Generic[T]):
         Raises:
             TypeError: ``iterable`` is not iterable.
         """
-        return Pipeline(
+        return Pipeline._make(
             Source(iterable, "over"), self._stages, self._next_capacity, self._next_relief
         )
 
@@ -364,7 +421,7 @@ class Pipeline(Generic[T]):
             kind, fn, workers, ordered, name, capacity, executor, coroutine=coroutine,
             timeout=timeout, options=options, relief=self._next_relief,
         )
-        return Pipeline(self._source, (*self._stages, spec))
+        return Pipeline._make(self._source, (*self._stages, spec))
 
     def _operator(
         self, kind: str, name: str, fn: Callable[..., Any], arg: Any = None
@@ -373,7 +430,7 @@ class Pipeline(Generic[T]):
         unique = _unique(name, self._stages)
         capacity = DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
         spec = StageSpec(kind, fn, 1, True, unique, capacity, arg=arg, relief=self._next_relief)
-        return Pipeline(self._source, (*self._stages, spec))
+        return Pipeline._make(self._source, (*self._stages, spec))
 
     @overload
     def map(
@@ -410,7 +467,12 @@ class Pipeline(Generic[T]):
         name: str | None = None,
         executor: Executor | Literal["processes"] | None = None,
         timeout: float | None = None,
-        **call: Unpack[CallKwargs],
+        on_error: str | Callable[[BaseException, Any], Any] = "raise",
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        rate: float | None = None,
+        resource: Callable[[], Any] | None = None,
     ) -> Pipeline[Any]:
         """Add a stage that outputs ``fn(item)`` for each item.
 
@@ -436,7 +498,24 @@ class Pipeline(Generic[T]):
                 returns, then exits; the result is dropped) and makes its next calls on a fresh
                 thread, so at most ``workers`` calls that count run at once. Abandoned calls are
                 counted in ``StageStats.abandoned``; ``join()`` does not wait for them. Not with
-                ``executor=`` or ``resource=``.
+                ``executor=``, nor with ``resource=`` on a thread stage.
+            on_error: ``"raise"`` (the failure stops the run and reaches the caller),
+                ``"skip"`` (the item is dropped, the run goes on), or a callable ``(exc, item) ->
+                value`` whose result stands for the call's (raising inside it stops the run).
+                Handled failures are listed in ``run.errors`` and counted in the stage's
+                ``errors``.
+            retries: how many times a failing item is tried again before ``on_error`` applies
+                (a ``flat_map`` call only while it has yielded nothing).
+            retry_delay: the first retry's delay in seconds; each next one doubles, with jitter
+                (0.5x to 1.5x). A cancel cuts the wait short.
+            retry_on: the exception type or types that are retried.
+            rate: the most call starts per second, across all the stage's workers, measured from
+                the previous call's actual start; waits count in ``StageStats.throttled_seconds``.
+            resource: a callable making a resource, passed as ``fn(item, resource)``: one per
+                worker thread, one per coroutine stage (made on the run's loop; an async context
+                manager is entered), or one per worker process with ``executor="processes"``.
+                A context manager is exited (anything with ``close()`` closed) when its worker,
+                stage or process is done, with the call failure that ended it if one did.
 
         Returns:
             A new pipeline ending in this stage.
@@ -448,7 +527,7 @@ class Pipeline(Generic[T]):
                 generator function (only ``flat_map`` takes one).
             ValueError: ``workers`` < 1, ``name`` is taken, or ``timeout`` is not > 0.
         """
-        return self._add(MAP, fn, workers, ordered, name, executor, timeout, call)
+        return self._add(MAP, fn, workers, ordered, name, executor, timeout, _given(on_error, retries, retry_delay, retry_on, rate, resource))
 
     def filter(
         self,
@@ -459,7 +538,12 @@ class Pipeline(Generic[T]):
         name: str | None = None,
         executor: Executor | Literal["processes"] | None = None,
         timeout: float | None = None,
-        **call: Unpack[CallKwargs],
+        on_error: str | Callable[[BaseException, Any], Any] = "raise",
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        rate: float | None = None,
+        resource: Callable[[], Any] | None = None,
     ) -> Pipeline[T]:
         """Add a stage that keeps the items for which ``pred(item)`` is true.
 
@@ -472,7 +556,7 @@ class Pipeline(Generic[T]):
         if pred is None:
             pred = bool
             name = _unique(FILTER, self._stages) if name is None else name
-        return self._add(FILTER, pred, workers, ordered, name, executor, timeout, call)
+        return self._add(FILTER, pred, workers, ordered, name, executor, timeout, _given(on_error, retries, retry_delay, retry_on, rate, resource))
 
     @overload
     def flat_map(
@@ -509,7 +593,12 @@ class Pipeline(Generic[T]):
         name: str | None = None,
         executor: Executor | Literal["processes"] | None = None,
         timeout: float | None = None,
-        **call: Unpack[CallKwargs],
+        on_error: str | Callable[[BaseException, Any], Any] = "raise",
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        rate: float | None = None,
+        resource: Callable[[], Any] | None = None,
     ) -> Pipeline[Any]:
         """Add a stage that outputs every element of the iterable ``fn(item)`` returns.
 
@@ -517,12 +606,12 @@ class Pipeline(Generic[T]):
         one worker), each item's outputs wait until the items before it are out.
 
         A coroutine stage takes an ``async def`` that returns an iterable or an async iterable, or
-        an async generator function; either way the outputs of one item are collected before they
-        are passed on (``timeout`` covers the whole of it).
+        an async generator function; either way the outputs stream on a buffer's worth at a time
+        (``timeout`` covers the whole call).
 
         Args and raises are those of :meth:`map`.
         """
-        return self._add(FLAT_MAP, fn, workers, ordered, name, executor, timeout, call)
+        return self._add(FLAT_MAP, fn, workers, ordered, name, executor, timeout, _given(on_error, retries, retry_delay, retry_on, rate, resource))
 
     def each(
         self,
@@ -533,7 +622,12 @@ class Pipeline(Generic[T]):
         name: str | None = None,
         executor: Executor | Literal["processes"] | None = None,
         timeout: float | None = None,
-        **call: Unpack[CallKwargs],
+        on_error: str | Callable[[BaseException, Any], Any] = "raise",
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        rate: float | None = None,
+        resource: Callable[[], Any] | None = None,
     ) -> Pipeline[T]:
         """Add a stage that calls ``fn(item)`` for its side effect and passes the item on.
 
@@ -541,7 +635,7 @@ class Pipeline(Generic[T]):
 
         Args and raises are those of :meth:`map`.
         """
-        return self._add(EACH, fn, workers, ordered, name, executor, timeout, call)
+        return self._add(EACH, fn, workers, ordered, name, executor, timeout, _given(on_error, retries, retry_delay, retry_on, rate, resource))
 
     def backpressure(self, n: int) -> Pipeline[T]:
         """Size the buffer after the last stage (or after the source): it holds at most ``n`` items.
@@ -560,7 +654,7 @@ class Pipeline(Generic[T]):
             ValueError: ``n`` < 1.
         """
         _check_count("backpressure", "n", n)
-        return Pipeline(self._source, self._stages, n)
+        return Pipeline._make(self._source, self._stages, n)
 
     def relief_valve(self, n: int) -> Pipeline[T]:
         """Make the buffer after the last stage (or the source) a relief valve of ``n`` items.
@@ -581,7 +675,7 @@ class Pipeline(Generic[T]):
             ValueError: ``n`` < 1.
         """
         _check_count("relief_valve", "n", n)
-        return Pipeline(self._source, self._stages, n, next_relief=True)
+        return Pipeline._make(self._source, self._stages, n, next_relief=True)
 
     def pipe(
         self, fn: Callable[[Iterator[T]], Iterable[U]], *, name: str | None = None
