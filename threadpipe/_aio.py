@@ -42,14 +42,14 @@ from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
-from ._calls import RateLimiter, backoff, handle, open_resource_async
+from ._calls import RateLimiter, attempts_async, handle, open_resource_async
 from ._channel import Channel
 from ._coroutine import ASYNC_GEN
 from ._errors import SourceConsumedError, describe
 from ._reorder import Reorder
 from ._scope import Cancelled, Scope
 from ._source import SOURCE_NAME
-from ._stage import EACH, FILTER, MAP, Runtime, StageSpec
+from ._stage import EACH, FILTER, MAP, Runtime, StageSpec, outputs_of
 from ._threads import Crew
 
 from ._run import _raise_stopped
@@ -620,61 +620,34 @@ class CoroutineStage(Runtime):
         return await self.spec.fn(item, await self._resource_value())
 
     async def _attempts(self, item: Any, number: int, throttled: list[float]) -> list[Any]:
-        """The outputs of one item with the stage's rate limit, retries and error policy.
-
-        The same rules as a thread stage's (see ``_calls.wrap`` and ``wrap_iter``), waiting with
-        ``asyncio.sleep`` so that the loop never blocks. A cancel (the run stopping) is never
-        retried or handled; a ``flat_map`` call that handed outputs on is not retried.
-        """
+        """The outputs of one item with the stage's rate limit, retries and error policy: the
+        call core's async driver (``_calls.attempts_async``). A ``flat_map`` call that handed
+        outputs on is not retried."""
         options = self.spec.options
-        attempt = 0
         handed = [False]
-        while True:
-            if self._limiter is not None:
-                # As a thread's wait (``RateLimiter.wait``), sleeping on the loop between claims:
-                # what it waits for is a clock, not an event.
-                waiting = perf_counter()
-                while (delay := self._limiter.claim()) > 0:  # noqa: ASYNC110
-                    await asyncio.sleep(delay)
-                waited = perf_counter() - waiting
-                self.counters[0].throttled_seconds += waited
-                throttled[0] += waited
-            try:
-                return await self._timed(item, number, handed)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as error:
-                if (
-                    not handed[0]
-                    and attempt < options.retries
-                    and isinstance(error, options.retry_on)
-                ):
-                    attempt += 1
-                    await asyncio.sleep(backoff(options, attempt))
-                    continue
-                if options.on_error == "raise" or not isinstance(error, Exception):
-                    raise
-                failure = error
-            kind = self.spec.kind
-            result = handle(
-                failure,
-                item,
-                options,
-                stage=self.spec.name,
-                run=self.run,
-                counters=self.counters[0],
-                fallback=lambda item: None,  # a skipped item gives no outputs, whatever the kind
-            )
-            if options.on_error == "skip":
-                return []
-            # The policy's replacement stands for what the call would have returned.
-            if kind == MAP:
-                return [result]
-            if kind == FILTER:
-                return [item] if result else []
-            if kind == EACH:
-                return [item]
-            return list(result)
+        ok, value, waited = await attempts_async(
+            lambda: self._timed(item, number, handed),
+            options,
+            self._limiter,
+            self.counters[0],
+            lambda: not handed[0],
+        )
+        throttled[0] += waited
+        if ok:
+            return value  # type: ignore[no-any-return]
+        result = handle(
+            value,
+            item,
+            options,
+            stage=self.spec.name,
+            run=self.run,
+            counters=self.counters[0],
+            fallback=lambda item: None,  # a skipped item gives no outputs, whatever the kind
+        )
+        if options.on_error == "skip":
+            return []
+        # The policy's replacement stands for what the call would have returned.
+        return outputs_of(self.spec.kind, item, result)
 
     async def _timed(self, item: Any, number: int, handed: list[bool] | None = None) -> list[Any]:
         """The outputs of one call, within the stage's timeout."""

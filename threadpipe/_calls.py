@@ -26,6 +26,8 @@ __all__ = [
     "CallOptions",
     "ItemError",
     "RateLimiter",
+    "attempts",
+    "attempts_async",
     "backoff",
     "handle",
     "check_options",
@@ -301,6 +303,89 @@ def handle(
     return options.on_error(failure, item)  # type: ignore[operator]
 
 
+def attempts(
+    once: Callable[[], Any],
+    options: CallOptions,
+    limiter: RateLimiter | None,
+    stopped: threading.Event,
+    counters: Any,
+) -> tuple[bool, Any]:
+    """Make one call with the stage's rate limit and retries: the sync driver of the call core.
+
+    Each attempt first waits for the rate limit (the wait counted in ``throttled_seconds``). A
+    failure of a ``retry_on`` type is tried again after :func:`backoff`, up to ``retries`` times;
+    a cancel cuts the wait short.
+
+    Returns:
+        ``(True, what once() returned)``, or ``(False, the failure)`` for the error policy.
+
+    Raises:
+        BaseException: the failure itself when the policy is ``"raise"`` or it is not an
+            ``Exception`` (Ctrl-C, ``SystemExit``): it fails the run.
+        Cancelled: the stage's scope was cancelled while waiting.
+    """
+    attempt = 0
+    while True:
+        if limiter is not None:
+            counters.throttled_seconds += limiter.wait()
+        try:
+            return True, once()
+        except BaseException as error:
+            if attempt < options.retries and isinstance(error, options.retry_on):
+                attempt += 1
+                if stopped.wait(backoff(options, attempt)):
+                    raise Cancelled from None
+                continue
+            if options.on_error == "raise" or not isinstance(error, Exception):
+                raise
+            return False, error
+
+
+async def attempts_async(
+    once: Callable[[], Awaitable[Any]],
+    options: CallOptions,
+    limiter: RateLimiter | None,
+    counters: Any,
+    retryable: Callable[[], bool],
+) -> tuple[bool, Any, float]:
+    """The async driver of :func:`attempts`, for a coroutine stage: the same rules, waiting with
+    ``asyncio.sleep`` so that the loop never blocks; a cancel is never retried or handled.
+
+    Args:
+        retryable: whether a failure may still be retried (a ``flat_map`` call that handed
+            outputs on may not).
+
+    Returns:
+        As :func:`attempts`, and the seconds this call waited for the rate limit.
+    """
+    import asyncio  # here: only coroutine stages come here, and they imported it already
+
+    attempt = 0
+    throttled = 0.0
+    while True:
+        if limiter is not None:
+            # As ``RateLimiter.wait``, sleeping on the loop between claims: what it waits for is
+            # a clock, not an event.
+            waiting = monotonic()
+            while (delay := limiter.claim()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(delay)
+            waited = monotonic() - waiting
+            counters.throttled_seconds += waited
+            throttled += waited
+        try:
+            return True, await once(), throttled
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            if retryable() and attempt < options.retries and isinstance(error, options.retry_on):
+                attempt += 1
+                await asyncio.sleep(backoff(options, attempt))
+                continue
+            if options.on_error == "raise" or not isinstance(error, Exception):
+                raise
+            return False, error, throttled
+
+
 def wrap(
     fn: Callable[..., Any],
     options: CallOptions,
@@ -331,32 +416,18 @@ def wrap(
         A function of one item.
     """
     assert fallback is not None
-    retries = options.retries
-    retry_on = options.retry_on
-    policy = options.on_error
     stopped = scope.event
     has_resource = options.resource is not None
     state = _weak(run)
 
     def call(item: Any) -> Any:
-        attempt = 0
-        while True:
-            if limiter is not None:
-                counters.throttled_seconds += limiter.wait()
-            try:
-                return fn(item, resource) if has_resource else fn(item)
-            except BaseException as error:
-                if attempt < retries and isinstance(error, retry_on):
-                    attempt += 1
-                    if stopped.wait(backoff(options, attempt)):
-                        raise Cancelled from None
-                    continue
-                if policy == "raise" or not isinstance(error, Exception):
-                    raise
-                failure = error
-            return handle(
-                failure, item, options, stage=stage, run=state(), counters=counters, fallback=fallback
-            )
+        def once() -> Any:
+            return fn(item, resource) if has_resource else fn(item)
+
+        ok, value = attempts(once, options, limiter, stopped, counters)
+        if ok:
+            return value
+        return handle(value, item, options, stage=stage, run=state(), counters=counters, fallback=fallback)
 
     return call
 
@@ -388,8 +459,6 @@ def wrap_iter(
     Returns:
         A function of one item returning an iterator.
     """
-    retries = options.retries
-    retry_on = options.retry_on
     policy = options.on_error
     stopped = scope.event
     has_resource = options.resource is not None
@@ -404,26 +473,19 @@ def wrap_iter(
     def call(item: Any) -> Iterator[Any]:
         # A plain function, not a generator: the call itself (up to the first output) runs here,
         # so an exception it raises, StopIteration included, leaves as itself (inside a generator,
-        # PEP 479 would turn a StopIteration into a RuntimeError of the library's making).
-        attempt = 0
-        while True:
-            if limiter is not None:
-                counters.throttled_seconds += limiter.wait()
-            try:
-                results = iter(fn(item, resource) if has_resource else fn(item))
-                first = next(results, _NOTHING)
-            except BaseException as error:
-                if attempt < retries and isinstance(error, retry_on):
-                    attempt += 1
-                    if stopped.wait(backoff(options, attempt)):
-                        raise Cancelled from None
-                    continue
-                if policy == "raise" or not isinstance(error, Exception):
-                    raise
-                return policy_for(error, item)
-            if first is _NOTHING:
-                return iter(())
-            return rest(first, results, item)
+        # PEP 479 would turn a StopIteration into a RuntimeError of the library's making). It is
+        # retried as a whole while it has yielded nothing.
+        def once() -> tuple[Iterator[Any], Any]:
+            results = iter(fn(item, resource) if has_resource else fn(item))
+            return results, next(results, _NOTHING)
+
+        ok, value = attempts(once, options, limiter, stopped, counters)
+        if not ok:
+            return policy_for(value, item)
+        results, first = value
+        if first is _NOTHING:
+            return iter(())
+        return rest(first, results, item)
 
     def rest(first: Any, results: Iterator[Any], item: Any) -> Iterator[Any]:
         # The outputs after the first: a failure here is final (what was yielded stays).

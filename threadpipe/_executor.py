@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ._channel import Channel
 from ._errors import describe
 from ._scope import Cancelled, Scope
-from ._stage import EACH, FILTER, FLAT_MAP, MAP, Runtime, StageSpec, _Counters
+from ._stage import FLAT_MAP, Runtime, StageSpec, _Counters, outputs_of
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -600,15 +600,7 @@ class ExecutorStage(Runtime):
                         counters.errors += 1
                         self._fail_call(error, item)
                         raise Cancelled
-                    if kind is MAP:
-                        outputs.append(future.result())
-                    elif kind is FILTER:
-                        if future.result():
-                            outputs.append(item)
-                    elif kind is EACH:
-                        outputs.append(item)
-                    else:
-                        outputs.extend(future.result())
+                    outputs.extend(outputs_of(kind, item, future.result()))
                 item = _NO_ITEM
                 counters.items_in += len(finished)
                 counters.items_out += len(outputs)

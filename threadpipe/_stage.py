@@ -48,6 +48,7 @@ __all__ = [
     "StageSpec",
     "Runtime",
     "count_through",
+    "outputs_of",
 ]
 
 MAP: Final = "map"
@@ -128,6 +129,22 @@ class StageSpec:
         """
         return self.ordered and self.workers > 1 and self.executor is None
 
+
+
+def outputs_of(kind: str, item: Any, result: Any) -> list[Any]:
+    """What a stage of ``kind`` passes on for ``item`` when its call gave ``result``.
+
+    The one rule of what each kind does with a result, for the stages that get a call's result
+    whole (an executor's future, a coroutine, an error policy's replacement); the thread pool
+    inlines it per kind, for speed.
+    """
+    if kind == MAP:
+        return [result]
+    if kind == FILTER:
+        return [item] if result else []
+    if kind == EACH:
+        return [item]
+    return list(result)
 
 
 def count_through(spec: StageSpec, inputs: int | None) -> int | None:
