@@ -81,7 +81,18 @@ class RunState:
     ``errors``, ``errors_dropped``  ``record_error``          under ``_lock``; ``Run.errors`` copies
                                                               under it
     ``delivered``                 the caller's iterator       one writer; readers only skip work
-    worker counters               their own worker only       readers sum plain ints (never torn)
+    worker counters               their own worker only       readers sum plain ints (never torn);
+                                                              an executor stage's dispatcher and
+                                                              collector each have their own
+    ``Run._iterated``             the first iterator          under ``Run._claim_lock``
+    ``Channel`` state             putters, getters, abort     under the queue's ``mutex``;
+                                                              ``on_starved`` read once per call
+    ``Crew`` counts               its threads, ``_grow``      under ``Crew._lock``
+    ``Reorder`` head, waiting     the emitting worker         under ``_lock``; turn waiters under
+                                                              ``_turn``, counted before re-reading
+    tracer reservations           every traced worker         under ``Tracer._lock``; each lane
+                                                              written by its own worker only
+    rate limiter's last start     every worker of the stage   claimed under its ``_lock``
     ============================  ==========================  =========================================
     """
 
@@ -412,6 +423,7 @@ class Run(Generic[T]):
         self._stages = stages
         self._monitor = monitor  # the thread sampling the run and drawing its bars, if any
         self._iterated = False
+        self._claim_lock = threading.Lock()  # two threads iterating at once: one wins
         # Dropping the last reference to an unfinished run cancels it, and so does interpreter exit
         # (finalize runs its callbacks at exit), so a forgotten run never keeps threads busy.
         self._finalizer = weakref.finalize(self, state.cancel_soon)
@@ -462,12 +474,13 @@ class Run(Generic[T]):
 
     def _claim(self) -> None:
         """Mark the run's outputs as taken by an iterator; a run yields them once."""
-        if self._iterated:
-            raise RunStateError(
-                "this run was already iterated: a run yields its outputs once; "
-                "call pipeline.start() again for a new run"
-            )
-        self._iterated = True
+        with self._claim_lock:
+            if self._iterated:
+                raise RunStateError(
+                    "this run was already iterated: a run yields its outputs once; "
+                    "call pipeline.start() again for a new run"
+                )
+            self._iterated = True
 
     def __aiter__(self) -> AsyncIterator[T]:
         """Return an async iterator over the outputs, for ``async for x in run``.
