@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs, so a README edit that breaks one fails CI.
+"""Every ```python block of README.md and of the site's pages (docs/*.md) runs, so an edit that
+breaks one fails CI.
 
 Each block runs as a script of its own (``python -W error block.py`` in a fresh temporary
 directory, so that a process pool can import it as worker processes do), with a time limit, and
@@ -32,6 +33,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+# The README, then the site's pages (MkDocs, docs/*.md), each block with its own hidden setup.
+PAGES = [README, *sorted(DOCS.glob("*.md"))]
 
 _BLOCK = re.compile(
     r"(?:^<!-- test-setup:(?P<about>[^\n]*)\n(?P<setup>.*?)^-->\n\s*)?"
@@ -42,21 +46,22 @@ _BLOCK = re.compile(
 
 @dataclass(frozen=True)
 class Block:
+    page: str  # README.md, or docs/<page>.md
     line: int  # of the opening fence, 1-based
     section: str  # the heading above it
     setup: str
     code: str
 
 
-def readme_blocks() -> list[Block]:
-    text = README.read_text(encoding="utf-8")
+def page_blocks(path: Path) -> list[Block]:
+    text = path.read_text(encoding="utf-8")
+    page = path.relative_to(ROOT).as_posix()
     blocks = []
     for match in _BLOCK.finditer(text):
         line = text.count("\n", 0, match.start("code"))  # the fence is the line before the code
         headings = re.findall(r"^#+ (.+)$", text[: match.start()], re.MULTILINE)
-        blocks.append(
-            Block(line, headings[-1] if headings else "top", match["setup"] or "", match["code"])
-        )
+        section = headings[-1] if headings else "top"
+        blocks.append(Block(page, line, section, match["setup"] or "", match["code"]))
     return blocks
 
 
@@ -85,7 +90,7 @@ if __name__ == "__main__":
             _thread.join(max(0.0, _deadline - _time.monotonic()))
     _alive = [t.name for t in _threading.enumerate() if t.name.startswith("threadpipe-") and t.is_alive()]
     if _alive:
-        raise SystemExit(f"README block left threads running: {_alive}")
+        raise SystemExit(f"the block left threads running: {_alive}")
 """
 
 
@@ -97,7 +102,7 @@ def script(block: Block) -> str:
             f"""\
             if __name__ == "__main__":
                 _setup = {{}}
-                exec(compile({block.setup!r}, "README.md test-setup", "exec"), _setup)
+                exec(compile({block.setup!r}, "{block.page} test-setup", "exec"), _setup)
                 globals().update({{_name: _setup[_name] for _name in {provided_names(block.setup)!r}}})
                 del _setup
 
@@ -106,18 +111,45 @@ def script(block: Block) -> str:
     return prologue + block.code + _EPILOGUE
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [block for path in PAGES for block in page_blocks(path)]
 
 
 def block_id(block: Block) -> str:
-    return f"line{block.line}-" + re.sub(r"\W+", "-", block.section).strip("-")
+    page = block.page.removesuffix(".md").replace("/", "-")
+    return f"{page}-line{block.line}-" + re.sub(r"\W+", "-", block.section).strip("-")
 
 
-def test_the_readme_has_python_blocks_and_every_setup_belongs_to_one() -> None:
-    text = README.read_text(encoding="utf-8")
-    assert len(BLOCKS) == text.count("```python\n") > 0  # the pattern missed none
+def test_the_site_has_its_pages() -> None:
+    # Without docs/ (a copy of the tests that forgot it), the site's blocks would silently not run.
+    names = {path.name for path in PAGES}
+    assert {"README.md", "index.md", "getting-started.md", "api.md"} <= names
+
+
+@pytest.mark.parametrize("path", PAGES, ids=[path.name for path in PAGES])
+def test_every_block_is_found_and_every_setup_belongs_to_one(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    blocks = page_blocks(path)
+    assert len(blocks) == text.count("```python\n")  # the pattern missed none
     # A setup comment separated from its block (by text, or another block) would be ignored.
-    assert sum(bool(b.setup) for b in BLOCKS) == text.count("<!-- test-setup:")
+    assert sum(bool(b.setup) for b in blocks) == text.count("<!-- test-setup:")
+
+
+def test_the_readme_has_python_blocks() -> None:
+    assert page_blocks(README)
+
+
+def test_the_api_reference_covers_every_public_name() -> None:
+    import threadpipe
+
+    text = (DOCS / "api.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^::: threadpipe\.(\w+)$", text, re.MULTILINE))
+    assert documented == set(threadpipe.__all__)
+
+
+def test_every_page_is_in_the_site_navigation() -> None:
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    missing = [p.name for p in PAGES if p is not README and f": {p.name}\n" not in nav]
+    assert not missing
 
 
 @pytest.mark.timeout(90)
@@ -126,8 +158,8 @@ def test_the_readme_has_python_blocks_and_every_setup_belongs_to_one() -> None:
     BLOCKS,
     ids=[block_id(b) for b in BLOCKS],
 )
-def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
-    path = tmp_path / "readme_block.py"
+def test_block_runs(block: Block, tmp_path: Path) -> None:
+    path = tmp_path / "page_block.py"
     path.write_text(script(block), encoding="utf-8")
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
@@ -141,6 +173,6 @@ def test_readme_block_runs(block: Block, tmp_path: Path) -> None:
         timeout=75,
     )
     assert proc.returncode == 0, (
-        f"the README block at line {block.line} ({block.section}) failed:\n"
+        f"the block of {block.page} at line {block.line} ({block.section}) failed:\n"
         f"--- script\n{path.read_text()}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     )
