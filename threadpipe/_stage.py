@@ -175,6 +175,8 @@ class Runtime:
     """
 
     reorder: Reorder | None = None
+    # Whether the stage's threads come from the process's parked threads (see ``_threads``).
+    pooled = False
 
     def __init__(
         self,
@@ -191,7 +193,7 @@ class Runtime:
         self.run = run
         self.scope = scope
         self.counters: list[_Counters] = [_Counters()]
-        self.crew = Crew(spec.name, run, scope, out, on_last)
+        self.crew = Crew(spec.name, run, scope, out, on_last, pooled=self.pooled)
         self.call_seconds: float | None = None
         # The most calls in flight at once, for stages whose calls do not run one per thread
         # (coroutines, executor calls); None where each thread makes one call at a time.
@@ -235,6 +237,8 @@ class Runtime:
 class Stage(Runtime):
     """One stage of a run: its workers, their counters, and the channels around them.
 
+    Its workers run on pooled threads: a thread may have served another stage or run before.
+
     Args:
         spec: what to run.
         inp: the channel the workers read.
@@ -242,6 +246,8 @@ class Stage(Runtime):
         run: the run's shared state (error, thread accounting).
         scope: the stage's segment scope: cancelling it stops the workers.
     """
+
+    pooled = True
 
     def __init__(
         self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
@@ -314,6 +320,8 @@ class Stage(Runtime):
 
     def _work(self, index: int) -> bool:
         """Worker ``index``'s life: returns whether it saw the end of input."""
+        # The thread may have run other stages before: its CPU time counts from here.
+        cpu_started = thread_time()
         counters = _Counters()
         with self._lock:
             self.counters.append(counters)
@@ -428,7 +436,7 @@ class Stage(Runtime):
             return False
         finally:
             # Once per thread, not per batch: tells CPU-bound stages from waiting ones after a run.
-            counters.cpu_seconds = thread_time()
+            counters.cpu_seconds = thread_time() - cpu_started
             if release is not None:
                 try:
                     release(failure)  # the worker's resource, also on failure and cancel
