@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from time import perf_counter, thread_time
 from typing import TYPE_CHECKING, Any, Final
@@ -30,6 +29,8 @@ from ._scope import Cancelled, Scope
 from ._threads import Crew
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     from ._run import RunState
 
 __all__ = [

@@ -18,13 +18,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._channel import Channel, ReliefChannel
 from ._executor import ExecutorStage
-from ._monitor import Monitor
 from ._operators import BATCH, OPERATOR_KINDS, PIPE, TAKE, BatchStage, PipeStage, TakeStage
-from ._progress import Bars, source_length
 from ._run import Run, RunState
 from ._source import SOURCE_NAME
 from ._stage import Stage, StageSpec
-from ._trace import Tracer
 
 if TYPE_CHECKING:
     from ._aio import LoopThread
@@ -89,6 +86,10 @@ def wire(
     """
     watcher = None
     if bar_options is not None or monitor:
+        # Here, not at the top: only monitored runs import the monitor, the bars and statistics.
+        from ._monitor import Monitor
+        from ._progress import Bars, source_length
+
         # The bars are drawn now, in the caller's thread: a bad tqdm argument fails here.
         bars = None
         if bar_options is not None:
@@ -103,6 +104,8 @@ def wire(
         raise
     state = RunState()
     if trace_cap:
+        from ._trace import Tracer  # the recorder; the trace options were imported with the pipeline
+
         state.trace = Tracer(tuple(spec.name for spec in specs), trace_cap, state.clock.started)
     capacities = [spec.capacity for spec in specs] + [output_capacity]
     names = [SOURCE_NAME, *(spec.name for spec in specs)]
