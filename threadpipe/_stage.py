@@ -7,7 +7,10 @@ pipeline of wide stages therefore pays for threads only where the load calls for
 Each worker loops: take a batch from the input channel, call the user's function on each item, put
 the outputs downstream (directly, or through the reorder buffer when the stage is ordered). The batch
 size adapts: it starts at one item and grows while calls are fast, so cheap functions pay one lock
-round-trip per batch instead of per item, and slow ones are shared out one item at a time.
+round-trip per batch instead of per item, and slow ones are shared out one item at a time. When the
+calls are measured that cheap (under ``_GROW_SECONDS``), every worker but the first leaves: more
+threads would only contend for the interpreter lock and split the batches. The stage grows again
+if the calls slow down.
 
 The end of input is the sentinel at the head of the input channel; every worker sees it, and the
 last one to exit sends it on, so stages close in a cascade.
@@ -228,7 +231,7 @@ class Runtime:
     @property
     def concurrency(self) -> int:
         """The most calls in flight at once so far."""
-        return self.crew.spawned if self.peak is None else self.peak
+        return self.crew.most if self.peak is None else self.peak
 
     def start(self) -> None:
         """Start the stage's threads."""
@@ -311,13 +314,12 @@ class Stage(Runtime):
         for the interpreter lock and stretch every call.
         """
         crew = self.crew
-        if crew.spawned >= self.spec.workers or crew.ended:  # unlocked fast path; rechecked below
+        if crew.alive >= self.spec.workers or crew.ended:  # unlocked fast path; rechecked below
             return
         estimate = self.call_seconds
-        if estimate is not None and estimate < _GROW_SECONDS and crew.spawned:
+        if estimate is not None and estimate < _GROW_SECONDS and crew.alive:
             return
-        if crew.start(self._work, limit=self.spec.workers) and crew.spawned >= self.spec.workers:
-            self.inp.on_starved = None  # fully grown: spare the producers the call
+        crew.start(self._work, limit=self.spec.workers)
 
     def _work(self, index: int) -> bool:
         """Worker ``index``'s life: returns whether it saw the end of input."""
@@ -365,6 +367,7 @@ class Stage(Runtime):
             fn, get_many = trace.hook(spec.name, index, fn, get_many, kind is FLAT_MAP)
         out = self.out
         reorder = self.reorder
+        crew = self.crew
         limit = spec.capacity
         estimate = self.call_seconds
         size = 1 if estimate is None else _batch_size(estimate, limit)
@@ -372,7 +375,8 @@ class Stage(Runtime):
         failure: BaseException | None = None
         try:
             while True:
-                got = get_many(size, None, self.crew.spawned)
+                # Shared among the workers running now: a lone worker takes whole batches.
+                got = get_many(size, None, crew.alive)
                 assert got is not None  # no timeout given
                 items, number = got
                 taken = len(items)
@@ -428,6 +432,12 @@ class Stage(Runtime):
                 elif outputs:
                     out.put_many(outputs)
                 del items, outputs  # hand the references on; a slow consumer keeps no extra copy
+                if index and per_call < _GROW_SECONDS:
+                    # Calls this cheap gain nothing from a second thread, which only contends for
+                    # the interpreter lock and splits the batches: leave them to worker 0 (which
+                    # never leaves, so someone is there to see the end). The stage grows again
+                    # if its calls slow down.
+                    return False
         except Cancelled:
             return False
         except BaseException as exc:

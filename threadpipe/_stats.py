@@ -39,7 +39,9 @@ class StageStats:
         kind: ``map``, ``filter``, ``flat_map`` or ``each``.
         workers: the most threads the stage may run (the ``workers=`` it was built with).
         spawned: the threads started so far (workers start as the load calls for them; a
-            coroutine or executor stage runs two, an operator one).
+            coroutine or executor stage runs two, an operator one). A thread stage's workers
+            leave when its calls are measured cheap, and start again if they slow down, so this
+            can exceed ``workers``; ``concurrency`` never does.
         items_in: input items whose calls have returned.
         items_out: items the stage has produced (for an ordered stage, some may still wait in its
             reorder buffer for their turn).
@@ -58,7 +60,8 @@ class StageStats:
         queue_capacity: the input buffer's capacity.
         dropped: items the input buffer let go because it is a relief valve (0 otherwise).
         concurrency: the most calls that were in flight at once so far: a thread stage's
-            started workers, a coroutine stage's coroutines, an executor stage's submitted calls.
+            most workers running at once, a coroutine stage's coroutines, an executor stage's
+            submitted calls.
     """
 
     name: str

@@ -183,6 +183,7 @@ class Crew:
         "_on_last",
         "alive",
         "ended",
+        "most",
         "name",
         "out",
         "pooled",
@@ -206,11 +207,12 @@ class Crew:
         self.scope = scope
         self.out = out
         self._on_last = on_last
-        # ``_lock`` guards the three counts: ``alive`` and ``ended`` change together, so the last
-        # thread out is known exactly and the end goes on once.
+        # ``_lock`` guards the counts: ``alive`` and ``ended`` change together, so the last
+        # thread out is known exactly and the end goes on once. ``most`` is the peak of ``alive``.
         self._lock = threading.Lock()
         self.spawned = 0
         self.alive = 0
+        self.most = 0
         self.ended = False
 
     def start(self, target: Callable[..., bool], *args: Any, limit: int | None = None) -> bool:
@@ -219,7 +221,7 @@ class Crew:
         Args:
             target: the thread's body.
             args: its arguments.
-            limit: start nothing if this many threads were started already.
+            limit: start nothing if this many threads are running (started and not exited).
 
         Returns:
             Whether a thread was started: not once the stage ended, was cancelled or is full.
@@ -257,11 +259,13 @@ class Crew:
         with self._lock:
             if self.ended or self.scope.cancelled[0]:
                 return None
-            if limit is not None and self.spawned + count > limit:
+            if limit is not None and self.alive + count > limit:
                 return None
             index = self.spawned
             self.spawned += count
             self.alive += count
+            if self.alive > self.most:
+                self.most = self.alive
         for _ in range(count):
             self.run.thread_started()
         return index
