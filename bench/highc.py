@@ -19,8 +19,8 @@ Besides the median over the repeats, which include the first one, the table show
 * ``fresh``: the first run in a fresh process (a child, as ``run.py`` times it), for the libraries
   run in this process;
 * ``floor``: the ideal schedule replayed by 3c threads started in advance, one per slot, that do
-  nothing but sleep (until each call's start, then for its duration): no queue, no hand-off, no
-  thread start. Its ratio to the ideal schedule is what waking that many sleeping threads costs
+  nothing but sleep until the end of each of their calls: one wake-up per call, no queue, no
+  hand-off, no thread start. Its ratio to the ideal schedule is what waking that many sleeping threads costs
   on this machine: a floor under the ratio of any thread pipeline here.
 
 pypeln and pyper run in a child process of their own for all their repeats (pyper deadlocks from
@@ -117,11 +117,11 @@ def fifo_slots(table: Table, c: int) -> list[list[tuple[float, float]]]:
 def floor_run(table: Table, c: int) -> Sample:
     """The ideal schedule replayed by 3c started threads, one per slot, that only sleep.
 
-    Each thread sleeps until its next call's start in the ideal schedule (if that is still ahead),
-    then for the call's duration: the same wake-ups as the schedule, without a queue, a hand-off or
-    a thread start, and without waiting for the previous stage (a late call does not delay the
-    next stage's). What the replay takes beyond the schedule is what waking that many sleeping
-    threads costs here, a floor under any thread pipeline's overhead.
+    Each thread sleeps once per call of its slot, until the call's end in the ideal schedule: one
+    wake-up per call, the fewest a thread pipeline can have, without a queue, a hand-off or a
+    thread start, and without waiting for the previous stage (a late wake-up delays nothing
+    else). What the replay takes beyond the schedule is what waking that many sleeping threads
+    costs here: a floor under any thread pipeline's overhead.
 
     Returns:
         The measured replay, from the release to the last thread's end.
@@ -133,10 +133,7 @@ def floor_run(table: Table, c: int) -> Sample:
         gate.wait()
         zero = origin[0]
         for start, seconds in calls:
-            ahead = zero + start - time.perf_counter()
-            if ahead > 0:
-                time.sleep(ahead)
-            time.sleep(seconds)
+            time.sleep(max(0.0, zero + start + seconds - time.perf_counter()))
 
     threads = [
         threading.Thread(target=sleeper, args=(calls,), name=f"bench-floor-{i}")
