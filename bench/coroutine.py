@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import heapq
 import importlib
 import json
 import os
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workloads import SEED, Table, lower_bound, uniform_table
+from workloads import SEED, Table, ideal_fifo, lower_bound, uniform_table
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -55,20 +54,6 @@ def async_sleep_stages(table: Table) -> list[AsyncStage]:
         return stage
 
     return [make(row) for row in table]
-
-
-def ideal_fifo(table: Table, c: int) -> float:
-    """Makespan of a zero-overhead pipeline: per stage, c slots take items in arrival order."""
-    ready = [0.0] * len(table[0])
-    for row in table:
-        slots = [0.0] * c
-        done = [0.0] * len(row)
-        for i in sorted(range(len(row)), key=ready.__getitem__):
-            start = max(heapq.heappop(slots), ready[i])
-            done[i] = start + row[i]
-            heapq.heappush(slots, done[i])
-        ready = done
-    return max(ready)
 
 
 # ---------------------------------------------------------------------------------- runners
@@ -271,13 +256,13 @@ def plan(libs: Sequence[str], cs: Sequence[int], c1_libs: Sequence[str]) -> list
     return [(lib, c) for lib in libs for c in cs if c != 1 or lib in c1_libs]
 
 
-def cell_text(cell: Cell | None, lb: float) -> str:
-    """``seconds ratio-to-LB threads`` for a measurement, else its status."""
+def cell_text(cell: Cell | None, lb: float, ideal: float) -> str:
+    """``seconds ratio-to-LB|ratio-to-ideal threads`` for a measurement, else its status."""
     if cell is None:
         return "-"
     if cell.status != "ok" or cell.seconds is None:
         return cell.status + (f": {cell.error.split(':')[0]}" if cell.error else "")
-    return f"{cell.seconds:.3g}s {cell.seconds / lb:.2f}x {cell.threads}t"
+    return f"{cell.seconds:.3g}s {cell.seconds / lb:.2f}x|{cell.seconds / ideal:.2f}x {cell.threads}t"
 
 
 def main(argv: list[str]) -> int:
@@ -304,7 +289,8 @@ def main(argv: list[str]) -> int:
     table = uniform_table(N_ITEMS)
     cells = {(lib, c): measure(lib, c) for lib, c in plan(libs, cs, args.c1_libs.split(","))}
     print(f"1c. coroutine variant: N={N_ITEMS}, 3 async stages, asyncio.sleep uniform 5-10 ms,")
-    print(f"    seed {SEED}, unordered; cells: seconds, ratio to LB(c), peak threads besides main")
+    print(f"    seed {SEED}, unordered; cells: seconds, ratio to LB(c) | to the ideal FIFO schedule,")
+    print("    peak threads besides main")
     print(f"    python {sys.version.split()[0]}, {os.cpu_count()} cores")
     rows = [["LB(c)", *(f"{lower_bound(table, c):.3g}s" for c in cs)]]
     rows.append(
@@ -317,7 +303,14 @@ def main(argv: list[str]) -> int:
         ]
     )
     rows += [
-        [lib, *(cell_text(cells.get((lib, c)), lower_bound(table, c)) for c in cs)] for lib in libs
+        [
+            lib,
+            *(
+                cell_text(cells.get((lib, c)), lower_bound(table, c), ideal_fifo(table, c))
+                for c in cs
+            ),
+        ]
+        for lib in libs
     ]
     header = ["", *(f"c={c}" for c in cs)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

@@ -26,7 +26,7 @@ from harness import REPO_ROOT, ErrorLog, Outcome, run_child, run_idle_child
 from peers import PEERS
 from report import Panel, Section, bar_plot, format_table, line_plot, load_pyplot, save
 from sysinfo import format_info, machine_info
-from workloads import SEED, Table, lower_bound, spiky_table, uniform_table
+from workloads import SEED, Table, ideal_fifo, lower_bound, spiky_table, uniform_table
 
 HEADLINE_ITEMS = 1000
 SPIKY_BUFFER = 128
@@ -37,6 +37,10 @@ MEMORY_PROBE_MB = 200
 # A run in which no stage call finishes and no CPU is used for this long is deadlocked
 # (see child.Watchdog); the longest stage call of any workload is 20 ms.
 STALL_S = 1.5
+IDEAL_NOTE = (
+    "ideal FIFO = zero-overhead simulation of c slots per stage serving items in arrival order"
+    " (workloads.ideal_fifo)."
+)
 IDLE_STAGES, IDLE_WORKERS, IDLE_PERIOD_S = 2, 4, 2.0
 
 
@@ -130,9 +134,18 @@ def limits_note(cfg: Config) -> str:
     )
 
 
-def lb_cell(seconds: float, lb: float) -> str:
-    """A measured cell: seconds and ratio to the lower bound."""
-    return f"{fmt_seconds(seconds)} {seconds / lb:.2f}x"
+def lb_cell(seconds: float, lb: float, ideal: float | None = None) -> str:
+    """A measured cell: seconds, ratio to the lower bound and, if given, to the ideal schedule."""
+    cell = f"{fmt_seconds(seconds)} {seconds / lb:.2f}x"
+    return cell if ideal is None else f"{cell}|{seconds / ideal:.2f}x"
+
+
+def ideal_row(table: Table, cs: Sequence[int]) -> list[str]:
+    """The ideal FIFO schedule's row: its seconds and its ratio to LB(c), per concurrency."""
+    return [
+        "ideal FIFO",
+        *(lb_cell(ideal_fifo(table, c), lower_bound(table, c)) for c in cs),
+    ]
 
 
 def sweep(
@@ -149,11 +162,15 @@ def sweep(
     """
     stages = {"kind": "sleep", "table": table}
     cells = {}
+    ideals = {c: ideal_fifo(table, c) for _, c, _ in runs}
     for lib, c, buffer in runs:
         lb = lower_bound(table, c)
+        ideal = ideals[c]
         outcome = timed(cfg, lib, c, buffer, stages, len(table[0]), 1, timeout_for(cfg, table, c))
         seconds = outcome.data["seconds"][0] if outcome.ok else None
-        cells[(lib, c, buffer)] = lb_cell(seconds, lb) if seconds is not None else outcome.label()
+        cells[(lib, c, buffer)] = (
+            lb_cell(seconds, lb, ideal) if seconds is not None else outcome.label()
+        )
         section.records.append(
             {
                 "variant": variant,
@@ -163,7 +180,9 @@ def sweep(
                 "status": outcome.status,
                 "seconds": seconds,
                 "lower_bound_s": lb,
+                "ideal_fifo_s": ideal,
                 "ratio": seconds / lb if seconds is not None else None,
+                "ratio_ideal": seconds / ideal if seconds is not None else None,
                 "threads_left": outcome.data.get("threads_left"),
                 "error": outcome.data.get("type", ""),
             }
@@ -172,15 +191,31 @@ def sweep(
 
 
 def ratio_panels(section: Section) -> list[Panel]:
-    """Seconds and ratio-to-LB panels, one series per (variant, library, buffer)."""
+    """Seconds, ratio-to-LB and ratio-to-ideal panels, one series per (library, buffer).
+
+    The ideal FIFO schedule is drawn as a series of its own in the first two panels; in the
+    third it is the line y = 1.
+    """
     seconds: dict[str, list[tuple[float, float]]] = {}
     ratios: dict[str, list[tuple[float, float]]] = {}
+    to_ideal: dict[str, list[tuple[float, float]]] = {}
+    ideal: dict[float, tuple[float, float]] = {}
     for r in section.records:
+        if r.get("ideal_fifo_s") is not None:
+            ideal[r["concurrency"]] = (r["ideal_fifo_s"], r["ideal_fifo_s"] / r["lower_bound_s"])
         if r["status"] == "ok":
             label = r["library"] + (f" bp{r['buffer']}" if r["buffer"] else "")
             seconds.setdefault(label, []).append((r["concurrency"], r["seconds"]))
             ratios.setdefault(label, []).append((r["concurrency"], r["ratio"]))
-    return [Panel("wall seconds", seconds, logy=True), Panel("ratio to LB(c)", ratios, logy=True)]
+            if r.get("ratio_ideal") is not None:
+                to_ideal.setdefault(label, []).append((r["concurrency"], r["ratio_ideal"]))
+    if ideal:
+        seconds["ideal FIFO"] = [(c, s) for c, (s, _) in ideal.items()]
+        ratios["ideal FIFO"] = [(c, x) for c, (_, x) in ideal.items()]
+    panels = [Panel("wall seconds", seconds, logy=True), Panel("ratio to LB(c)", ratios, logy=True)]
+    if to_ideal:
+        panels.append(Panel("ratio to the ideal FIFO schedule", to_ideal, logy=True))
+    return panels
 
 
 def headline(cfg: Config) -> Section:
@@ -191,7 +226,7 @@ def headline(cfg: Config) -> Section:
         "headline",
         f"1. headline: N={HEADLINE_ITEMS}, 3 stages, sleeps uniform 5-10 ms (seed {SEED}),"
         " unordered;"
-        " cells: seconds, ratio to LB(c)",
+        " cells: seconds, ratio to LB(c)|to the ideal FIFO schedule",
         ["library", *(f"c={c}" for c in plan.headline_c)],
     )
     runs = [
@@ -199,9 +234,11 @@ def headline(cfg: Config) -> Section:
     ]
     cells = sweep(cfg, section, table, runs, "uniform")
     section.rows.append(["LB(c)", *(fmt_seconds(lower_bound(table, c)) for c in plan.headline_c)])
+    section.rows.append(ideal_row(table, plan.headline_c))
     for lib in cfg.libs:
         section.rows.append([lib, *(cells.get((lib, c, None), "-") for c in plan.headline_c)])
     section.notes.append("'-' = not run in this mode (sequential runs at c=1 only).")
+    section.notes.append(IDEAL_NOTE)
     section.notes.append(limits_note(cfg))
     if cfg.quick:
         section.notes.append(
@@ -222,18 +259,20 @@ def spiky(cfg: Config) -> Section:
     section = Section(
         "spiky",
         f"1b. spiky: as headline, 20% of executions 20 ms; bp = buffer {SPIKY_BUFFER}"
-        " around every stage",
+        " around every stage; cells: seconds, ratio to LB(c)|to the ideal FIFO schedule",
         ["library", *(f"c={c}" + (f" bp{b}" if b else "") for c, b in variants)],
     )
     runs = [(lib, c, b) for lib in cfg.libs if lib != "sequential" for c, b in variants]
     cells = sweep(cfg, section, table, runs, "spiky")
     section.rows.append(["LB(c)", *(fmt_seconds(lower_bound(table, c)) for c, _ in variants)])
+    section.rows.append(ideal_row(table, [c for c, _ in variants]))
     for lib in cfg.libs:
         if lib != "sequential":
             section.rows.append([lib, *(cells[(lib, c, b)] for c, b in variants)])
     section.notes.append(
         "n/a = the library has no buffer bound to set (Executor.map submits its whole input)."
     )
+    section.notes.append(IDEAL_NOTE + " Buffers are not simulated.")
     section.notes.append(limits_note(cfg))
     if cfg.quick:
         section.notes.append(
@@ -455,7 +494,7 @@ def coroutine(cfg: Config) -> Section:
     section = Section(
         "coroutine",
         f"1c. coroutine: as headline, async def stages with asyncio.sleep (seed {SEED}), unordered;"
-        " cells: seconds, ratio to LB(c), peak threads",
+        " cells: seconds, ratio to LB(c)|to the ideal FIFO schedule, peak threads",
         ["library", *(f"c={c}" for c in plan.headline_c)],
     )
     c1_libs = libs if plan.c1_libs is None else [lib for lib in libs if lib in plan.c1_libs]
@@ -463,7 +502,8 @@ def coroutine(cfg: Config) -> Section:
     for lib, c in co.plan(libs, plan.headline_c, c1_libs):
         cell = co.measure(co.PEER_NAMES[lib], c, HEADLINE_ITEMS)
         lb = lower_bound(table, c)
-        cells[(lib, c)] = co.cell_text(cell, lb)
+        ideal = ideal_fifo(table, c)
+        cells[(lib, c)] = co.cell_text(cell, lb, ideal)
         section.records.append(
             {
                 "variant": "coroutine",
@@ -473,24 +513,18 @@ def coroutine(cfg: Config) -> Section:
                 "status": cell.status,
                 "seconds": cell.seconds,
                 "lower_bound_s": lb,
-                "ideal_fifo_s": co.ideal_fifo(table, c),
+                "ideal_fifo_s": ideal,
                 "ratio": cell.seconds / lb if cell.seconds is not None else None,
+                "ratio_ideal": cell.seconds / ideal if cell.seconds is not None else None,
                 "threads": cell.threads,
                 "error": cell.error,
             }
         )
     section.rows.append(["LB(c)", *(fmt_seconds(lower_bound(table, c)) for c in plan.headline_c)])
-    section.rows.append(
-        [
-            "ideal FIFO",
-            *(lb_cell(co.ideal_fifo(table, c), lower_bound(table, c)) for c in plan.headline_c),
-        ]
-    )
+    section.rows.append(ideal_row(table, plan.headline_c))
     for lib in libs:
         section.rows.append([lib, *(cells.get((lib, c), "-") for c in plan.headline_c)])
-    section.notes.append(
-        "ideal FIFO = zero-overhead simulation of c slots per stage taking items in arrival order;"
-    )
+    section.notes.append(IDEAL_NOTE)
     section.notes.append(
         "at high c it is well above LB(c), which ignores that the last items still have 3 stages to go."
     )

@@ -38,3 +38,14 @@ def test_typed_marker_is_shipped() -> None:
     from importlib.resources import files
 
     assert files("threadpipe").joinpath("py.typed").is_file()
+
+
+def test_import_leaves_what_only_some_runs_need_unloaded() -> None:
+    import subprocess
+    import sys
+
+    lazy = ("asyncio", "json", "psutil", "tqdm", "multiprocessing", "random")
+    lazy += tuple(f"threadpipe.{m}" for m in ("_aio", "_monitor", "_report", "_stats"))
+    code = f"import sys, threadpipe; print([m for m in {lazy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

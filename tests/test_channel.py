@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 
@@ -111,3 +112,21 @@ def test_closed_channel_refuses_even_when_items_wait() -> None:
         ch.try_put(3)
 
 
+
+
+def test_a_waiting_putter_is_woken_when_the_buffer_is_down_to_half() -> None:
+    ch = Channel(4)
+    ch.put_many([0, 1, 2, 3])
+    putter = threading.Thread(target=ch.put_many, args=([4, 5],))
+    putter.start()
+    waiters = ch.not_full._waiters  # type: ignore[attr-defined]  # notify() removes the notified
+    deadline = time.monotonic() + 10
+    while ch.idle_putters != 1 and time.monotonic() < deadline:
+        time.sleep(0.001)  # waiting for the putter to block, not deciding anything
+    assert ch.idle_putters == 1
+    assert ch.get_many(1) == ([0], 0)
+    assert len(waiters) == 1  # one slot free: not worth a wake-up
+    assert ch.get_many(1) == ([1], 1)
+    assert len(waiters) == 0  # down to half: woken, and room for everything it has
+    putter.join(10)
+    assert list(ch.queue) == [2, 3, 4, 5]

@@ -53,6 +53,46 @@ def test_workers_start_only_as_work_needs_them() -> None:
     assert names == {"threadpipe-lazy-0"}
 
 
+def test_cheap_calls_are_left_to_one_worker() -> None:
+    # Four calls held at a barrier grow the stage to four workers; then 3,000 calls of a few
+    # microseconds: the extra workers leave them to worker 0, which alone takes whole batches.
+    barrier = threading.Barrier(4, timeout=10)
+    names: list[str] = []
+
+    def call(x: int) -> int:
+        if x < 4:
+            barrier.wait()
+        names.append(threading.current_thread().name)
+        return x
+
+    run = Pipeline.from_iter(range(3004)).map(call, workers=4, ordered=False, name="cheap").start()
+    assert sorted(run) == list(range(3004))
+    run.join(10)
+    assert run.stats()[0].concurrency == 4
+    late = names[-1000:]
+    # Loose on purpose (a stall on a loaded machine may make a batch look slow for a moment and
+    # start a worker again): a stage that kept four workers splits the calls about evenly.
+    assert late.count("threadpipe-cheap-0") > 500, sorted(set(late))
+
+
+def test_a_stage_grows_again_when_its_calls_slow_down() -> None:
+    import time
+
+    names: set[str] = set()
+    lock = threading.Lock()
+
+    def call(x: int) -> int:
+        if x >= 2000:
+            time.sleep(0.002)  # slow calls (a timing heuristic decides growth, not correctness)
+            with lock:
+                names.add(threading.current_thread().name)
+        return x
+
+    out = Pipeline.from_iter(range(2200)).map(call, workers=4, ordered=False).to_list()
+    assert sorted(out) == list(range(2200))
+    assert len(names) > 1, names
+
+
 def test_threads_are_named_after_the_stage() -> None:
     barrier = threading.Barrier(3, timeout=10)
     names: list[str] = []

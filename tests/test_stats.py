@@ -41,7 +41,7 @@ def test_counts_after_a_run_are_exact_for_every_kind() -> None:
     assert (stats["look"].items_in, stats["look"].items_out) == (100, 100)
     for s in stats.values():
         assert s.errors == 0 and s.in_flight == 0 and s.queue_size == 0
-        assert 1 <= s.spawned <= s.workers
+        assert 1 <= s.spawned and 1 <= s.concurrency <= s.workers
         assert s.busy_seconds >= 0 and 0.0 <= s.utilization <= 1.0
         assert s.cpu_seconds is not None and s.cpu_seconds >= 0
     assert (stats["inc"].workers, stats["inc"].queue_capacity) == (3, tp.DEFAULT_BUFFER)

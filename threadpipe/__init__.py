@@ -13,14 +13,18 @@ private sentinel, and a worker's exception is raised to the caller as itself::
         print("saved", path)
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from ._errors import RunStateError as RunStateError
 from ._errors import SourceConsumedError as SourceConsumedError
 from ._errors import ThreadpipeError as ThreadpipeError
 from ._pipeline import DEFAULT_BUFFER as DEFAULT_BUFFER
 from ._pipeline import Pipeline as Pipeline
 from ._run import Run as Run
-from ._stats import StageStats as StageStats
 from ._trace import DEFAULT_TRACE_CAP as DEFAULT_TRACE_CAP
+
+if _TYPE_CHECKING:
+    from ._stats import StageStats as StageStats
 
 __version__ = "0.1.0"
 
@@ -35,3 +39,18 @@ __all__ = (
     "ThreadpipeError",
     "__version__",
 )
+
+
+if not _TYPE_CHECKING:  # hidden from type checkers, which would accept any name through it
+
+    def __getattr__(name: str) -> object:
+        # Statistics load when first asked for (``run.stats()`` or this name): most scripts
+        # never ask.
+        if name == "StageStats":
+            from ._stats import StageStats
+
+            return StageStats
+        raise AttributeError(f"module 'threadpipe' has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})

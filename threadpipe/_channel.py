@@ -256,8 +256,11 @@ class Channel(queue.Queue[Any]):
                 items = [popleft() for _ in range(n)]
             number = self.taken
             self.taken = number + n
-            if self.idle_putters:
-                self.not_full.notify(n)
+            # Batched hand-off: a putter waiting for room is woken once the buffer is down to half
+            # (or less), not for every slot freed, so it puts many items per wake-up while the
+            # half still there keeps the getters busy.
+            if self.idle_putters and len(q) <= self.maxsize >> 1:
+                self.not_full.notify(self.maxsize - len(q))
             starved = bool(q) and not self.idle_getters and q[0] is not END
         # Items left behind with nobody idle to take them: the stage may need another worker.
         if starved:

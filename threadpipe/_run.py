@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from time import monotonic
+from time import monotonic, perf_counter, process_time
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -21,15 +21,14 @@ from ._calls import ItemError
 from ._channel import Channel
 from ._errors import RunStateError, clear_own_frames, label, strip_own_frames
 from ._scope import Cancelled, Scope
-from ._report import render_report
-from ._stats import Clock, StageStats, snapshot
 from ._threads import in_library_thread
 
 if TYPE_CHECKING:
     from ._monitor import Monitor
+    from ._stats import StageStats
     from ._trace import Tracer
 
-__all__ = ["MAX_ITEM_ERRORS", "Run", "RunState"]
+__all__ = ["MAX_ITEM_ERRORS", "Clock", "Run", "RunState"]
 
 T = TypeVar("T")
 
@@ -59,6 +58,35 @@ def release_frames() -> None:
         _RECORDED.excs = None
         for exc in recorded:
             clear_own_frames(exc)
+
+
+class Clock:
+    """A run's wall-clock and process CPU time, from its start to the exit of its last thread."""
+
+    __slots__ = ("cpu_ended", "cpu_started", "ended", "started")
+
+    def __init__(self) -> None:
+        self.started = perf_counter()
+        self.cpu_started = process_time()
+        self.ended: float | None = None
+        self.cpu_ended: float | None = None
+
+    def stop(self) -> None:
+        """Mark the end of the run; called once, by the run's last thread to exit."""
+        if self.ended is None:
+            # CPU first: a reader that sees ``ended`` set also sees ``cpu_ended`` set.
+            self.cpu_ended = process_time()
+            self.ended = perf_counter()
+
+    def elapsed(self) -> float:
+        """Wall seconds from the start to the end of the run (or to now, while it runs)."""
+        ended = self.ended
+        return (perf_counter() if ended is None else ended) - self.started
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the whole process used (all threads, user and system) during the run."""
+        ended = self.cpu_ended
+        return (process_time() if ended is None else ended) - self.cpu_started
 
 
 # Every run not yet done, so that a child forked while runs are live can disown them (see _forked).
@@ -607,6 +635,8 @@ class Run(Generic[T]):
         """
         if self._finished():
             self._close_monitor()  # the bars show the final counts before the caller goes on
+        from ._stats import snapshot  # here, not at the top: runs nobody asks about never need it
+
         return snapshot(self._stages, self._state.clock)
 
     def report(self) -> str:
@@ -622,6 +652,8 @@ class Run(Generic[T]):
         stats = self.stats()
         monitor = self._monitor
         samples = None if monitor is None else monitor.samples()
+        from ._report import render_report  # here, not at the top: few runs are reported on
+
         report = render_report(stats, self._state, self._output, samples, monitor is not None)
         failure = None if monitor is None else monitor.failure
         if failure is not None:

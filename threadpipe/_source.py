@@ -95,7 +95,7 @@ def start_feeder(
     iterator: Iterator[Any], out: Channel, run: RunState, scope: Scope, in_memory: bool = False
 ) -> Crew:
     """Start the feeder thread (``threadpipe-source-0``) that pulls ``iterator`` into ``out``."""
-    crew = Crew(SOURCE_NAME, run, scope, out)
+    crew = Crew(SOURCE_NAME, run, scope, out, pooled=True)
     crew.start(feed, iterator, out, run, scope, in_memory)
     return crew
 

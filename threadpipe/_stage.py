@@ -7,7 +7,10 @@ pipeline of wide stages therefore pays for threads only where the load calls for
 Each worker loops: take a batch from the input channel, call the user's function on each item, put
 the outputs downstream (directly, or through the reorder buffer when the stage is ordered). The batch
 size adapts: it starts at one item and grows while calls are fast, so cheap functions pay one lock
-round-trip per batch instead of per item, and slow ones are shared out one item at a time.
+round-trip per batch instead of per item, and slow ones are shared out one item at a time. When the
+calls are measured that cheap (under ``_GROW_SECONDS``), every worker but the first leaves: more
+threads would only contend for the interpreter lock and split the batches. The stage grows again
+if the calls slow down.
 
 The end of input is the sentinel at the head of the input channel; every worker sees it, and the
 last one to exit sends it on, so stages close in a cascade.
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from time import perf_counter, thread_time
 from typing import TYPE_CHECKING, Any, Final
@@ -31,6 +33,8 @@ from ._threads import Crew
 from ._timeout import Timed
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     from ._run import RunState
 
 __all__ = [
@@ -203,6 +207,8 @@ class Runtime:
     """
 
     reorder: Reorder | None = None
+    # Whether the stage's threads come from the process's parked threads (see ``_threads``).
+    pooled = False
 
     def __init__(
         self,
@@ -219,7 +225,7 @@ class Runtime:
         self.run = run
         self.scope = scope
         self.counters: list[_Counters] = [_Counters()]
-        self.crew = Crew(spec.name, run, scope, out, on_last)
+        self.crew = Crew(spec.name, run, scope, out, on_last, pooled=self.pooled)
         self.call_seconds: float | None = None
         # The most calls in flight at once, for stages whose calls do not run one per thread
         # (coroutines, executor calls); None where each thread makes one call at a time.
@@ -253,7 +259,7 @@ class Runtime:
     @property
     def concurrency(self) -> int:
         """The most calls in flight at once so far."""
-        return self.crew.spawned if self.peak is None else self.peak
+        return self.crew.most if self.peak is None else self.peak
 
     def start(self) -> None:
         """Start the stage's threads."""
@@ -263,6 +269,8 @@ class Runtime:
 class Stage(Runtime):
     """One stage of a run: its workers, their counters, and the channels around them.
 
+    Its workers run on pooled threads: a thread may have served another stage or run before.
+
     Args:
         spec: what to run.
         inp: the channel the workers read.
@@ -270,6 +278,8 @@ class Stage(Runtime):
         run: the run's shared state (error, thread accounting).
         scope: the stage's segment scope: cancelling it stops the workers.
     """
+
+    pooled = True
 
     def __init__(
         self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
@@ -332,16 +342,17 @@ class Stage(Runtime):
         for the interpreter lock and stretch every call.
         """
         crew = self.crew
-        if crew.spawned >= self.spec.workers or crew.ended:  # unlocked fast path; rechecked below
+        if crew.alive >= self.spec.workers or crew.ended:  # unlocked fast path; rechecked below
             return
         estimate = self.call_seconds
-        if estimate is not None and estimate < _GROW_SECONDS and crew.spawned:
+        if estimate is not None and estimate < _GROW_SECONDS and crew.alive:
             return
-        if crew.start(self._work, limit=self.spec.workers) and crew.spawned >= self.spec.workers:
-            self.inp.on_starved = None  # fully grown: spare the producers the call
+        crew.start(self._work, limit=self.spec.workers)
 
     def _work(self, index: int) -> bool:
         """Worker ``index``'s life: returns whether it saw the end of input."""
+        # The thread may have run other stages before: its CPU time counts from here.
+        cpu_started = thread_time()
         counters = _Counters()
         with self._lock:
             self.counters.append(counters)
@@ -390,6 +401,7 @@ class Stage(Runtime):
             fn, get_many = trace.hook(spec.name, index, fn, get_many, kind is FLAT_MAP)
         out = self.out
         reorder = self.reorder
+        crew = self.crew
         limit = spec.capacity
         estimate = self.call_seconds
         size = 1 if estimate is None else _batch_size(estimate, limit)
@@ -397,7 +409,8 @@ class Stage(Runtime):
         failure: BaseException | None = None
         try:
             while True:
-                got = get_many(size, None, self.crew.spawned)
+                # Shared among the workers running now: a lone worker takes whole batches.
+                got = get_many(size, None, crew.alive)
                 assert got is not None  # no timeout given
                 items, number = got
                 taken = len(items)
@@ -455,6 +468,12 @@ class Stage(Runtime):
                 elif outputs:
                     out.put_many(outputs)
                 del items, outputs  # hand the references on; a slow consumer keeps no extra copy
+                if index and per_call < _GROW_SECONDS:
+                    # Calls this cheap gain nothing from a second thread, which only contends for
+                    # the interpreter lock and splits the batches: leave them to worker 0 (which
+                    # never leaves, so someone is there to see the end). The stage grows again
+                    # if its calls slow down.
+                    return False
         except Cancelled:
             return False
         except BaseException as exc:
@@ -464,7 +483,7 @@ class Stage(Runtime):
             return False
         finally:
             # Once per thread, not per batch: tells CPU-bound stages from waiting ones after a run.
-            counters.cpu_seconds = thread_time()
+            counters.cpu_seconds = thread_time() - cpu_started
             if timed is not None:
                 timed.close()
             if release is not None:

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from time import perf_counter, process_time
 from typing import TYPE_CHECKING, Any
 
 from ._channel import END, Channel
 
 if TYPE_CHECKING:
-    pass
+    from ._run import Clock
 
 __all__ = [
     "BufferFill",
-    "Clock",
     "ResourceUse",
     "Samples",
     "StageStats",
@@ -41,7 +39,9 @@ class StageStats:
         kind: ``map``, ``filter``, ``flat_map`` or ``each``.
         workers: the most threads the stage may run (the ``workers=`` it was built with).
         spawned: the threads started so far (workers start as the load calls for them; a
-            coroutine or executor stage runs two, an operator one).
+            coroutine or executor stage runs two, an operator one). A thread stage's workers
+            leave when its calls are measured cheap, and start again if they slow down, so this
+            can exceed ``workers``; ``concurrency`` never does.
         items_in: input items whose calls have returned.
         items_out: items the stage has produced (for an ordered stage, some may still wait in its
             reorder buffer for their turn).
@@ -60,7 +60,8 @@ class StageStats:
         queue_capacity: the input buffer's capacity.
         dropped: items the input buffer let go because it is a relief valve (0 otherwise).
         concurrency: the most calls that were in flight at once so far: a thread stage's
-            started workers, a coroutine stage's coroutines, an executor stage's submitted calls.
+            most workers running at once, a coroutine stage's coroutines, an executor stage's
+            submitted calls.
         throttled_seconds: seconds its calls waited for the stage's rate limit (``rate=``),
             summed over the workers; not counted in ``busy_seconds`` or ``utilization``.
         rate: the stage's ``rate=`` (calls per second), or None.
@@ -92,35 +93,6 @@ class StageStats:
     def seconds_per_item(self) -> float | None:
         """Mean seconds in the function per input item, or None before the first call returns."""
         return self.busy_seconds / self.items_in if self.items_in else None
-
-
-class Clock:
-    """A run's wall-clock and process CPU time, from its start to the exit of its last thread."""
-
-    __slots__ = ("cpu_ended", "cpu_started", "ended", "started")
-
-    def __init__(self) -> None:
-        self.started = perf_counter()
-        self.cpu_started = process_time()
-        self.ended: float | None = None
-        self.cpu_ended: float | None = None
-
-    def stop(self) -> None:
-        """Mark the end of the run; called once, by the run's last thread to exit."""
-        if self.ended is None:
-            # CPU first: a reader that sees ``ended`` set also sees ``cpu_ended`` set.
-            self.cpu_ended = process_time()
-            self.ended = perf_counter()
-
-    def elapsed(self) -> float:
-        """Wall seconds from the start to the end of the run (or to now, while it runs)."""
-        ended = self.ended
-        return (perf_counter() if ended is None else ended) - self.started
-
-    def cpu_seconds(self) -> float:
-        """CPU seconds the whole process used (all threads, user and system) during the run."""
-        ended = self.cpu_ended
-        return (process_time() if ended is None else ended) - self.cpu_started
 
 
 @dataclass(frozen=True, slots=True)

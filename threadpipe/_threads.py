@@ -9,22 +9,154 @@ stage, a source's feeder, the pumps of a merge, the run's event loop) starts its
 * names it ``threadpipe-<stage>-<i>``, so a thread dump reads like the pipeline;
 * sends the end of input on when its last thread exits, if one of them saw the end and the stage's
   scope was not cancelled: ending is the sentinel, never a side effect of a cancel.
+
+A pooled crew (the worker pools and the feeders) does not start an OS thread for each of its
+threads: it hands the body to a thread parked in the process-wide :class:`_Pool`, and starts a new
+one only when none is parked. A thread parks when its body returns (the run has counted it out by
+then), named ``threadpipe.idle``, and exits after ``IDLE_SECONDS`` without work. Starting a thread
+costs ~100 us of CPU and a start-up handshake that, with hundreds of threads waiting for the
+interpreter lock, held the thread that asked for it (a stage's producer, between two items) for
+milliseconds; waking a parked one costs one lock release. So a run's threads are started once per
+process, not once per run, and a stage that grows to 256 workers takes them from the threads the
+previous run (of any pipeline) left parked.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from ._channel import Channel
     from ._run import RunState
     from ._scope import Scope
 
-__all__ = ["PREFIX", "Crew", "in_library_thread"]
+__all__ = ["IDLE_NAME", "IDLE_SECONDS", "PREFIX", "Crew", "drain", "in_library_thread"]
 
 PREFIX = "threadpipe-"
+
+# A parked thread's name: not a stage's (it serves none), and not under PREFIX, so that nobody
+# mistakes it for a thread of a run.
+IDLE_NAME: Final = "threadpipe.idle"
+
+# How long a parked thread waits for work before it exits.
+IDLE_SECONDS: Final = 5.0
+
+_Job = tuple[str, Callable[..., None], tuple[Any, ...]]
+
+
+class _Parked:
+    """One pooled thread: its wake-up lock (held while it has nothing to do) and its next job."""
+
+    __slots__ = ("job", "thread", "wake")
+
+    def __init__(self, job: _Job) -> None:
+        self.job: _Job | None = job
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.thread: threading.Thread | None = None
+
+
+class _Pool:
+    """The process's parked threads, reused by every pooled crew of every run.
+
+    A stack: the thread parked last is woken first, so the threads a burst needed and the next one
+    does not are the ones at the bottom, which time out and exit.
+
+    Lock discipline: ``_lock`` guards ``_idle`` only. A thread is in ``_idle`` exactly while it
+    may be handed a job: the launcher pops it and sets its job under the lock, then releases its
+    ``wake`` outside it. A thread whose wait timed out removes itself under the lock; if it is no
+    longer there, a launcher popped it, and its job is on the way (the wake is released): it waits
+    for it instead of exiting.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Parked] = []
+
+    def launch(self, name: str, body: Callable[..., None], args: tuple[Any, ...]) -> None:
+        """Run ``body(*args)`` in a parked thread named ``name``, or in a new one if none is parked.
+
+        Raises:
+            RuntimeError: no thread was parked and a new one could not start.
+        """
+        job = (name, body, args)
+        with self._lock:
+            parked = self._idle.pop() if self._idle else None
+            if parked is not None:
+                parked.job = job
+        if parked is not None:
+            parked.wake.release()
+            return
+        parked = _Parked(job)
+        thread = threading.Thread(target=self._serve, args=(parked,), name=name, daemon=True)
+        parked.thread = thread
+        thread.start()
+
+    def _serve(self, parked: _Parked) -> None:
+        thread = threading.current_thread()
+        while True:
+            job = parked.job
+            if job is None:
+                return  # retired by drain()
+            parked.job = None
+            name, body, args = job
+            del job
+            thread.name = name
+            try:
+                body(*args)  # an exception ends the thread (threading.excepthook reports it)
+            finally:
+                # This frame outlives the body in any traceback the body left (as f_back): it
+                # must not hold the body, whose crew holds the run.
+                del body, args
+            thread.name = IDLE_NAME
+            with self._lock:
+                self._idle.append(parked)
+            if parked.wake.acquire(timeout=IDLE_SECONDS):
+                continue
+            with self._lock:
+                try:
+                    self._idle.remove(parked)
+                except ValueError:
+                    pass  # popped by a launcher after the timeout: its job is coming
+                else:
+                    return
+            parked.wake.acquire()
+
+    def drain(self, timeout: float | None = None) -> int:
+        """Make every thread parked now exit, and wait up to ``timeout`` for them; return how many."""
+        with self._lock:
+            retired, self._idle = self._idle, []
+        for parked in retired:
+            parked.job = None
+            parked.wake.release()
+        for parked in retired:
+            if parked.thread is not None:
+                parked.thread.join(timeout)
+        return len(retired)
+
+    def forked(self) -> None:
+        """In a child process: the parked threads are the parent's, not here."""
+        self._lock = threading.Lock()  # the parent's may have been held by a thread that is gone
+        self._idle = []
+
+
+_POOL = _Pool()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.forked)
+
+
+def drain(timeout: float | None = None) -> int:
+    """Make the threads parked now exit (and wait up to ``timeout`` for them); a private hook for
+    tests and programs that must see no idle thread. Threads still serving a run park when done.
+
+    Returns:
+        How many threads were parked.
+    """
+    return _POOL.drain(timeout)
 
 
 def in_library_thread() -> bool:
@@ -42,9 +174,23 @@ class Crew:
         out: where the end goes when the last thread exits having seen it; None for none.
         on_last: called once, by the last thread out, before the end is sent on (a pool's
             shutdown, the loop's release).
+        pooled: run the threads on the process's parked threads (see :class:`_Pool`). Only for
+            bodies that do not read per-thread totals such as ``thread_time()`` as their own.
     """
 
-    __slots__ = ("_lock", "_on_last", "alive", "ended", "name", "out", "run", "scope", "spawned")
+    __slots__ = (
+        "_lock",
+        "_on_last",
+        "alive",
+        "ended",
+        "most",
+        "name",
+        "out",
+        "pooled",
+        "run",
+        "scope",
+        "spawned",
+    )
 
     def __init__(
         self,
@@ -53,17 +199,20 @@ class Crew:
         scope: Scope,
         out: Channel | None,
         on_last: Callable[[], None] | None = None,
+        pooled: bool = False,
     ) -> None:
         self.name = name
+        self.pooled = pooled
         self.run = run
         self.scope = scope
         self.out = out
         self._on_last = on_last
-        # ``_lock`` guards the three counts: ``alive`` and ``ended`` change together, so the last
-        # thread out is known exactly and the end goes on once.
+        # ``_lock`` guards the counts: ``alive`` and ``ended`` change together, so the last
+        # thread out is known exactly and the end goes on once. ``most`` is the peak of ``alive``.
         self._lock = threading.Lock()
         self.spawned = 0
         self.alive = 0
+        self.most = 0
         self.ended = False
 
     def start(self, target: Callable[..., bool], *args: Any, limit: int | None = None) -> bool:
@@ -72,7 +221,7 @@ class Crew:
         Args:
             target: the thread's body.
             args: its arguments.
-            limit: start nothing if this many threads were started already.
+            limit: start nothing if this many threads are running (started and not exited).
 
         Returns:
             Whether a thread was started: not once the stage ended, was cancelled or is full.
@@ -110,24 +259,26 @@ class Crew:
         with self._lock:
             if self.ended or self.scope.cancelled[0]:
                 return None
-            if limit is not None and self.spawned + count > limit:
+            if limit is not None and self.alive + count > limit:
                 return None
             index = self.spawned
             self.spawned += count
             self.alive += count
+            if self.alive > self.most:
+                self.most = self.alive
         for _ in range(count):
             self.run.thread_started()
         return index
 
     def _launch(self, index: int, target: Callable[..., bool], args: tuple[Any, ...]) -> None:
-        thread = threading.Thread(
-            target=self._main,
-            args=(target, (index, *args)),
-            name=f"{PREFIX}{self.name}-{index}",
-            daemon=True,
-        )
+        name = f"{PREFIX}{self.name}-{index}"
         try:
-            thread.start()
+            if self.pooled:
+                _POOL.launch(name, self._main, (target, (index, *args)))
+            else:
+                threading.Thread(
+                    target=self._main, args=(target, (index, *args)), name=name, daemon=True
+                ).start()
         except BaseException:
             # No thread, so nobody runs _main's exit accounting: undo it here.
             self._exit(False)
@@ -142,6 +293,10 @@ class Crew:
         finally:
             del target, args
             release_frames()
+            if self.pooled:
+                # Renamed before it is counted out: once the run is done, no thread bears its
+                # stages' names, though this one lives on, parked.
+                threading.current_thread().name = IDLE_NAME
             self._exit(saw_end)
             # This frame stays reachable (as ``f_back``) from any frame the thread left in a
             # traceback: it must not hold the crew, which holds the run.

@@ -19,7 +19,6 @@ Gantt chart with matplotlib (an optional extra).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from array import array
@@ -299,6 +298,8 @@ class Tracer:
         """Write :meth:`chrome_trace` as JSON to the file ``path``."""
         document = self.chrome_trace()
         with open(path, "w", encoding="utf-8") as file:
+            import json  # here, not at the top: only saving a trace needs it
+
             json.dump(document, file)
 
     def plot(self, path: str | os.PathLike[str], title: str | None = None) -> None:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ._channel import Channel, ReliefChannel
 from ._executor import ExecutorStage
-from ._monitor import Monitor
 from ._operators import (
     BATCH,
     GROUP_BY,
@@ -34,11 +33,9 @@ from ._operators import (
     TakeStage,
     TakeWhileStage,
 )
-from ._progress import Bars, source_length
 from ._run import Run, RunState
 from ._source import SOURCE_NAME
 from ._stage import Runtime, Stage, StageSpec
-from ._trace import Tracer
 
 if TYPE_CHECKING:
     from ._aio import LoopThread
@@ -106,6 +103,10 @@ def wire(
     """
     watcher = None
     if bar_options is not None or monitor:
+        # Here, not at the top: only monitored runs import the monitor, the bars and statistics.
+        from ._monitor import Monitor
+        from ._progress import Bars, source_length
+
         # The bars are drawn now, in the caller's thread: a bad tqdm argument fails here.
         bars = None
         if bar_options is not None:
@@ -120,6 +121,8 @@ def wire(
         raise
     state = RunState()
     if trace_cap:
+        from ._trace import Tracer  # the recorder; the trace options were imported with the pipeline
+
         state.trace = Tracer(tuple(spec.name for spec in specs), trace_cap, state.clock.started)
     capacities = [spec.capacity for spec in specs] + [output_capacity]
     names = [SOURCE_NAME, *(spec.name for spec in specs)]

@@ -1,0 +1,281 @@
+"""High concurrency, interleaved in one process: the headline workload at c = 16 ... 256.
+
+Usage::
+
+    python bench/highc.py                          # c in 16, 64, 128, 256; 5 repeats; ~2 minutes
+    python bench/highc.py --c 256 --reps 9 --libs threadpipe,handwritten
+
+``run.py`` times every run in a fresh process, which mixes a library's start-up (threads started
+for the first time) into every figure and makes the machine's noise impossible to tell from a
+difference between libraries. This script is the comparison the targets of the "high
+concurrency" issue are stated in: the same durations (N = 1000, 3 stages, 5-10 ms, the headline's
+seed), every library in one process, **interleaved** (repeat r runs every library at every c before
+repeat r + 1 starts), the **median of the repeats** as the ratio to the ideal FIFO schedule, with
+the spread (min-max) beside it. Per run it also reads the process's CPU time and context switches
+(``getrusage``), per stage call.
+
+Besides the median over the repeats, which include the first one, the table shows:
+
+* ``fresh``: the first run in a fresh process (a child, as ``run.py`` times it), for the libraries
+  run in this process;
+* ``floor``: the ideal schedule replayed by 3c threads started in advance, one per slot, that do
+  nothing but sleep until the end of each of their calls: one wake-up per call, no queue, no
+  hand-off, no thread start. Its ratio to the ideal schedule is what waking that many sleeping threads costs
+  on this machine: a floor under the ratio of any thread pipeline here.
+
+pypeln and pyper run in a child process of their own for all their repeats (pyper deadlocks from
+c = 4 and pypeln polls; neither may wedge or slow this process), so they are not interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import heapq
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from harness import ErrorLog, Outcome, run_child
+from peers import PEERS
+from sysinfo import format_info, machine_info
+from workloads import SEED, Table, ideal_fifo, lower_bound, sleep_stages, uniform_table
+
+N_ITEMS = 1000
+CONCURRENCIES = (16, 64, 128, 256)
+IN_PROCESS = ("threadpipe", "handwritten", "executor", "streamable")
+IN_CHILD = ("pypeln", "pyper")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Sample:
+    """One run: wall seconds, and CPU seconds and context switches of the whole process."""
+
+    __slots__ = ("cpu", "involuntary", "seconds", "voluntary")
+
+    def __init__(self, seconds: float, cpu: float, voluntary: int, involuntary: int) -> None:
+        self.seconds = seconds
+        self.cpu = cpu
+        self.voluntary = voluntary
+        self.involuntary = involuntary
+
+
+def measured(body: Callable[[], None]) -> Sample:
+    """Runs ``body`` once and measures it."""
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    body()
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Sample(
+        seconds,
+        after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
+        after.ru_nvcsw - before.ru_nvcsw,
+        after.ru_nivcsw - before.ru_nivcsw,
+    )
+
+
+def library_run(lib: str, stages: list[Any], c: int) -> Callable[[], None]:
+    """One run of ``lib`` over ``range(N_ITEMS)``, outputs checked."""
+
+    def body() -> None:
+        total = count = 0
+        for item in PEERS[lib].runner(stages, range(N_ITEMS), c, None):
+            total += item
+            count += 1
+        if (count, total) != (N_ITEMS, N_ITEMS * (N_ITEMS - 1) // 2):
+            raise RuntimeError(f"{lib}: got {count} outputs summing to {total}")
+
+    return body
+
+
+def fifo_slots(table: Table, c: int) -> list[list[tuple[float, float]]]:
+    """The ideal FIFO schedule (``workloads.ideal_fifo``) as each slot's calls: ``(start, seconds)``."""
+    ready = [0.0] * len(table[0])
+    lanes: list[list[tuple[float, float]]] = []
+    for row in table:
+        slots = [(0.0, j) for j in range(c)]  # (free at, slot): a min-heap
+        calls: list[list[tuple[float, float]]] = [[] for _ in range(c)]
+        done = [0.0] * len(row)
+        for i in sorted(range(len(row)), key=ready.__getitem__):
+            free, j = heapq.heappop(slots)
+            start = max(free, ready[i])
+            done[i] = start + row[i]
+            calls[j].append((start, row[i]))
+            heapq.heappush(slots, (done[i], j))
+        ready = done
+        lanes += calls
+    return lanes
+
+
+def floor_run(table: Table, c: int) -> Sample:
+    """The ideal schedule replayed by 3c started threads, one per slot, that only sleep.
+
+    Each thread sleeps once per call of its slot, until the call's end in the ideal schedule: one
+    wake-up per call, the fewest a thread pipeline can have, without a queue, a hand-off or a
+    thread start, and without waiting for the previous stage (a late wake-up delays nothing
+    else). What the replay takes beyond the schedule is what waking that many sleeping threads
+    costs here: a floor under any thread pipeline's overhead.
+
+    Returns:
+        The measured replay, from the release to the last thread's end.
+    """
+    gate = threading.Event()
+    origin = [0.0]
+
+    def sleeper(calls: list[tuple[float, float]]) -> None:
+        gate.wait()
+        zero = origin[0]
+        for start, seconds in calls:
+            time.sleep(max(0.0, zero + start + seconds - time.perf_counter()))
+
+    threads = [
+        threading.Thread(target=sleeper, args=(calls,), name=f"bench-floor-{i}")
+        for i, calls in enumerate(fifo_slots(table, c))
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # let every thread reach the gate: starting them is not what is measured
+
+    def body() -> None:
+        origin[0] = time.perf_counter()
+        gate.set()
+        for thread in threads:
+            thread.join()
+
+    return measured(body)
+
+
+def child_runs(lib: str, table: Table, c: int, reps: int, log: ErrorLog) -> Outcome:
+    """``reps`` timed runs of ``lib`` in one fresh child process (``child.run_timed``)."""
+    job = {
+        "mode": "timed",
+        "lib": lib,
+        "concurrency": c,
+        "buffer": None,
+        "stages": {"kind": "sleep", "table": table},
+        "n_items": N_ITEMS,
+        "reps": reps,
+        "stall_s": 1.5,
+    }
+    return run_child(job, 10.0 + reps * (1.0 + 8 * lower_bound(table, c)), log)
+
+
+def spread(values: Sequence[float]) -> str:
+    """``median (min-max)``, as ratios."""
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+def main(argv: list[str]) -> int:
+    """Runs the interleaved comparison and prints one table per concurrency."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--c", default=",".join(map(str, CONCURRENCIES)))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--libs", default=",".join(IN_PROCESS + IN_CHILD))
+    parser.add_argument("--no-fresh", action="store_true", help="skip the fresh-process first runs")
+    parser.add_argument("--no-floor", action="store_true", help="skip the sleeping-threads floor")
+    args = parser.parse_args(argv)
+    cs = [int(c) for c in args.c.split(",")]
+    libs = [lib for lib in args.libs.split(",") if lib]
+    unknown = [lib for lib in libs if lib not in IN_PROCESS + IN_CHILD]
+    if unknown:
+        parser.error(f"unknown libraries {unknown}")
+    table = uniform_table(N_ITEMS)
+    stages = sleep_stages(table)
+    info = machine_info(
+        [PEERS[lib].dist for lib in libs],
+        Path(__file__).resolve().parent.parent,
+        ["bench/highc.py", *argv],
+    )
+    print(format_info(info) + "\n", flush=True)
+    log = ErrorLog(RESULTS / "errors.log")
+
+    local = [lib for lib in libs if lib in IN_PROCESS]
+    for lib in local:  # import and set up every library before any clock starts
+        library_run(lib, stages, 1)  # builds only: nothing runs until iterated
+        for _ in PEERS[lib].runner(stages, range(0), 1, None):
+            pass
+    samples: dict[tuple[str, int], list[Sample]] = {}
+    floors: dict[int, list[Sample]] = {}
+    started = time.monotonic()
+    for rep in range(args.reps):
+        for c in cs:
+            for lib in local:
+                samples.setdefault((lib, c), []).append(measured(library_run(lib, stages, c)))
+            if not args.no_floor:
+                floors.setdefault(c, []).append(floor_run(table, c))
+        print(f"repeat {rep + 1}/{args.reps} done ({time.monotonic() - started:.0f} s)", flush=True)
+    children = {
+        (lib, c): child_runs(lib, table, c, args.reps, log)
+        for lib in libs
+        if lib in IN_CHILD
+        for c in cs
+    }
+    fresh = (
+        {}
+        if args.no_fresh
+        else {(lib, c): child_runs(lib, table, c, 1, log) for lib in local for c in cs}
+    )
+
+    calls = 3 * N_ITEMS
+    print(
+        f"\nN={N_ITEMS}, 3 stages, sleeps uniform 5-10 ms (seed {SEED}), unordered;"
+        f" {args.reps} repeats interleaved in one process."
+    )
+    print(
+        "ratio = wall / ideal FIFO schedule: median (min-max) over the repeats; fresh = first run"
+        " in a fresh process;\nCPU and csw (voluntary + involuntary context switches) of the whole"
+        " process per stage call, medians."
+    )
+    for c in cs:
+        ideal = ideal_fifo(table, c)
+        print(
+            f"\n== c={c}: LB {lower_bound(table, c) * 1e3:.1f} ms, ideal FIFO {ideal * 1e3:.1f} ms"
+            f" ({ideal / lower_bound(table, c):.2f}x LB)"
+        )
+        print(
+            f"{'library':12s} {'ratio to ideal':>22s} {'fresh':>7s} {'CPU us/call':>12s}"
+            f" {'csw/call':>9s}"
+        )
+        for lib in libs:
+            if lib in local:
+                runs = samples[(lib, c)]
+                ratio = spread([s.seconds / ideal for s in runs])
+                first = fresh.get((lib, c))
+                first_cell = (
+                    f"{first.data['seconds'][0] / ideal:.2f}x"
+                    if first and first.ok
+                    else first.label()
+                    if first
+                    else "-"
+                )
+                cpu = statistics.median(s.cpu for s in runs) / calls * 1e6
+                csw = statistics.median(s.voluntary + s.involuntary for s in runs) / calls
+                print(f"{lib:12s} {ratio:>22s} {first_cell:>7s} {cpu:12.0f} {csw:9.1f}")
+            else:
+                outcome = children[(lib, c)]
+                cell = (
+                    spread([s / ideal for s in outcome.data["seconds"]])
+                    if outcome.ok
+                    else outcome.label()
+                )
+                print(f"{lib:12s} {cell:>22s} {'':>7s} {'(own process)':>12s}")
+        if floors.get(c):
+            runs = floors[c]
+            cpu = statistics.median(r.cpu for r in runs) / calls * 1e6
+            csw = statistics.median(r.voluntary + r.involuntary for r in runs) / calls
+            print(
+                f"{'floor':12s} {spread([r.seconds / ideal for r in runs]):>22s} {'':>7s}"
+                f" {cpu:12.0f} {csw:9.1f}   ({3 * c} threads replaying the ideal schedule)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
