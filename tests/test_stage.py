@@ -167,3 +167,17 @@ def test_end_of_input_cascades_through_wide_stages() -> None:
     for i in range(6):
         p = p.map(lambda x: x, workers=1 + i * 3, ordered=bool(i % 2))
     assert sorted(p.to_list()) == list(range(2000))
+
+
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_a_stage_keeps_its_workers_while_calls_wait_for_each_other(workers: int) -> None:
+    # Round after round, every worker must be inside fn for any to go on: the last to arrive at
+    # the barrier has a fast call, which must not make the stage drop a worker (the rest would
+    # then wait for good).
+    barrier = threading.Barrier(workers, timeout=10)
+    out = (
+        Pipeline.from_iter(range(workers * 10))
+        .map(lambda x: barrier.wait() * 0 + x, workers=workers, ordered=False)
+        .to_list()
+    )
+    assert sorted(out) == list(range(workers * 10))

@@ -42,6 +42,7 @@ class Reorder:
         self._lock = threading.Lock()
         self._next = 0
         self._waiting: dict[int, tuple[int, list[Any]]] = {}
+        self._parked = 0  # outputs waiting in ``_waiting``
         # Workers waiting for their turn (``wait_turn``) wait on a condition of their own, not on
         # ``_lock``, which an emitter holds while it waits for room downstream: an abort must be
         # able to wake them without waiting for that emitter.
@@ -54,6 +55,23 @@ class Reorder:
         with self._turn:
             self._aborted = True
             self._turn.notify_all()
+
+    def complete_within(self, number: int, count: int, outputs: list[Any], room: int) -> None:
+        """As :meth:`complete`, parking the outputs only while at most ``room`` outputs wait.
+
+        For a stage whose items make many outputs (``flat_map``): a batch that would take the
+        parked outputs past ``room`` waits for its turn instead, so the buffer holds at most
+        ``room`` outputs however many items wait, and a worker whose outputs fit goes on to its
+        next items (a slow head of the line does not idle the others).
+
+        Raises:
+            Cancelled: the run was cancelled while waiting or emitting.
+        """
+        with self._lock:
+            fits = number == self._next or self._parked + len(outputs) <= room
+        if not fits:
+            self.wait_turn(number)
+        self.complete(number, count, outputs)
 
     def wait_turn(self, number: int) -> None:
         """Wait until the batch numbered ``number`` is at the head of the line.
@@ -92,6 +110,7 @@ class Reorder:
         with self._lock:
             if number != self._next:
                 self._waiting[number] = (count, outputs)
+                self._parked += len(outputs)
                 return
             nxt = number + count
             waiting = self._waiting
@@ -99,6 +118,7 @@ class Reorder:
                 outputs = list(outputs)
                 while nxt in waiting:
                     more_count, more = waiting.pop(nxt)
+                    self._parked -= len(more)
                     outputs.extend(more)
                     nxt += more_count
             if outputs:

@@ -316,9 +316,8 @@ class Stage(Runtime):
         """The most items the stage holds outside its input buffer: its part of ``buffer_bound()``.
 
         Its workers' items (``window``); for an ordered stage with several workers, as many again
-        in finished items waiting in the reorder buffer for their turn (an ordered ``flat_map``
-        parks nothing: a worker waits for its turn instead); for a ``flat_map``, at most one
-        output buffer's worth per worker, made and not yet handed on.
+        in finished items waiting in the reorder buffer for their turn; for a ``flat_map``, the
+        outputs are counted by ``held_outputs``.
         """
         held = cls.window(spec)
         if spec.kind is FLAT_MAP:
@@ -328,7 +327,10 @@ class Stage(Runtime):
     @classmethod
     def held_outputs(cls, spec: StageSpec, next_capacity: int) -> int:
         """A ``flat_map`` worker holds at most one output buffer's worth before handing it on."""
-        return spec.workers * next_capacity if spec.kind is FLAT_MAP else 0
+        if spec.kind is not FLAT_MAP:
+            return 0
+        # Ordered, the reorder buffer parks up to one buffer's worth more (``complete_within``).
+        return spec.workers * next_capacity + (next_capacity if spec.reorders else 0)
 
     def start(self) -> None:
         """Start the first worker; the input channel asks for more when items find nobody idle."""
@@ -421,6 +423,7 @@ class Stage(Runtime):
                 # One loop per kind, so the per-item path has no branch on the kind. Each checks
                 # the stop flag before every call: after a cancel the function is never called again.
                 outputs: list[Any]
+                at_head = True
                 if kind is MAP:
                     outputs = []
                     for item in items:
@@ -450,7 +453,7 @@ class Stage(Runtime):
                         if fn(item) is not SKIPPED:
                             outputs.append(item)
                 else:
-                    outputs = self._flat_map(fn, items, number, counters)
+                    outputs, at_head = self._flat_map(fn, items, number, counters)
                 elapsed = perf_counter() - started
                 item = _NO_ITEM
                 counters.items_in += taken
@@ -459,16 +462,24 @@ class Stage(Runtime):
                 counters.busy_seconds += elapsed - (counters.throttled_seconds - throttled)
                 per_call = elapsed / taken
                 estimate = self.call_seconds
+                # Measured cheap enough to leave only on more than one call's word: one call
+                # alone may be fast for reasons of its own (the last to reach a barrier the
+                # others wait at), and a worker that left then could leave them waiting.
+                settled = estimate is not None and taken > 1
                 if estimate is not None:
                     per_call = estimate + _EWMA * (per_call - estimate)
                 self.call_seconds = per_call
                 size = _batch_size(per_call, limit)
                 if reorder is not None:
-                    reorder.complete(number, taken, outputs)
+                    if kind is FLAT_MAP and not at_head:
+                        # Parks what fits in one output buffer's worth, else waits its turn.
+                        reorder.complete_within(number, taken, outputs, out.maxsize)
+                    else:
+                        reorder.complete(number, taken, outputs)
                 elif outputs:
                     out.put_many(outputs)
                 del items, outputs  # hand the references on; a slow consumer keeps no extra copy
-                if index and per_call < _GROW_SECONDS:
+                if index and settled and per_call < _GROW_SECONDS:
                     # Calls this cheap gain nothing from a second thread, which only contends for
                     # the interpreter lock and splits the batches: leave them to worker 0 (which
                     # never leaves, so someone is there to see the end). The stage grows again
@@ -496,8 +507,9 @@ class Stage(Runtime):
 
     def _flat_map(
         self, fn: Callable[[Any], Iterator[Any]], items: list[Any], number: int, counters: _Counters
-    ) -> list[Any]:
-        """Run a flat_map batch, output by output; return the outputs not handed on yet.
+    ) -> tuple[list[Any], bool]:
+        """Run a flat_map batch, output by output; return the outputs not handed on yet, and
+        whether the batch is at the head of the line (it handed outputs on directly).
 
         The stop flag is read between any two outputs, and at most one output buffer's worth is
         held: when that much is made, an unordered stage hands it on at once, and an ordered one
@@ -537,9 +549,4 @@ class Stage(Runtime):
                 close = getattr(results, "close", None)
                 if close is not None:
                     close()  # the user's generator's finally blocks run now, in this thread
-        if not at_head:
-            assert reorder is not None
-            # Parking a flat_map's outputs would hold up to a window of items' outputs each:
-            # wait for the turn instead, so the stage holds one buffer's worth per worker.
-            reorder.wait_turn(number)
-        return outputs
+        return outputs, at_head
