@@ -931,6 +931,150 @@ def test_random_chains_of_thread_and_coroutine_stages_match_a_plain_loop(
     assert out == expected if all_ordered else sorted(out) == sorted(expected)
 
 
+# ---------------------------------------------------------------------------------- on the loop
+
+
+def _stage_threads() -> set[str]:
+    return {
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith("threadpipe-") and t.name != "threadpipe-loop-0"
+    }
+
+
+@pytest.mark.parametrize("async_source", [False, True], ids=["list", "async-generator"])
+def test_adjacent_coroutine_stages_hand_items_on_the_loop_with_no_thread_between(
+    async_source: bool,
+) -> None:
+    # Three coroutine stages: threads only where items cross from or to a thread (the first
+    # stage's taker after a plain source, the last one's emitter before the caller), none
+    # between them, and none for an async source feeding a coroutine stage.
+    gate, arrived = Gate(), Counter()
+
+    async def last(x: int) -> int:
+        arrived.add()
+        await gate.wait()
+        return x
+
+    source = Pipeline.from_async_iter(numbers(40)) if async_source else Pipeline.from_iter(range(40))
+    run = (
+        source.map(double, workers=8, name="a")
+        .map(double, workers=8, name="b")
+        .map(last, workers=40, name="c")
+        .start()
+    )
+    assert arrived.reach(40)
+    names = _stage_threads()
+    gate.open()
+    assert list(run) == [4 * x for x in range(40)]
+    # (The taker of ``a`` and the feeder of a list may be done already: only a subset is sure.)
+    allowed = {"threadpipe-c-0"} if async_source else {"threadpipe-source-0", "threadpipe-a-0", "threadpipe-c-0"}
+    assert "threadpipe-c-0" in names
+    assert names <= allowed, names
+    assert [s.spawned for s in run.stats()] == ([0, 0, 1] if async_source else [1, 0, 1])
+
+
+@pytest.mark.parametrize("failing", [0, 1, 2])
+@pytest.mark.parametrize("async_source", [False, True], ids=["list", "async-generator"])
+def test_a_failure_anywhere_in_a_chain_on_the_loop_is_raised_as_itself(
+    failing: int, async_source: bool
+) -> None:
+    # The other stages' coroutines are cancelled, the loop and every thread exit.
+    boom = ValueError("boom")
+    cancelled = Counter()
+
+    def stage(index: int) -> Any:
+        async def call(x: int) -> int:
+            if index == failing and x == 7:
+                raise boom
+            try:
+                await asyncio.sleep(0 if x < 7 else 0.001)  # stands for I/O
+            except asyncio.CancelledError:
+                cancelled.add()
+                raise
+            return x
+
+        return call
+
+    before = set(threading.enumerate())
+    source = Pipeline.from_async_iter(numbers(10_000)) if async_source else Pipeline.from_iter(range(10_000))
+    pipeline = source.map(stage(0), workers=8).map(stage(1), workers=8).map(stage(2), workers=8)
+    with pytest.raises(ValueError) as info:
+        pipeline.to_list()
+    assert info.value is boom
+    for t in set(threading.enumerate()) - before:
+        if t.name.startswith("threadpipe-"):
+            t.join(WAIT)
+            assert not t.is_alive(), t.name
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_backpressure_holds_between_coroutine_stages_on_the_loop(ordered: bool) -> None:
+    # The second stage is stuck: the first stops once its output buffer (on the loop) is full
+    # and its own permits are used, and starts no call beyond that.
+    gate, started, stuck = Gate(), Counter(), Counter()
+
+    async def first(x: int) -> int:
+        started.add()
+        return x
+
+    async def second(x: int) -> int:
+        stuck.add()
+        await gate.wait()
+        return x
+
+    run = (
+        Pipeline.from_iter(range(1_000))
+        .map(first, workers=3, ordered=ordered)
+        .backpressure(5)
+        .map(second, workers=2, ordered=ordered)
+        .start()
+    )
+    assert stuck.reach(2)
+    # At most: 2 in the second stage, 5 in the buffer between, 3 held by the first stage
+    # (finished, waiting for room), 1 the first stage's taker holds as it waits for a permit.
+    assert started.reach(5)
+    run_bound = 2 + 5 + 3
+    # Let the run settle (nothing decided by time: a run that overshoots only gets more chances).
+    pause, last, stable = threading.Event(), -1, 0
+    while stable < 5:
+        pause.wait(0.002)
+        stable = stable + 1 if started.value == last else 0
+        last = started.value
+    assert started.value <= run_bound + 1, started.value
+    gate.open()
+    out = list(run)
+    assert out == list(range(1_000)) if ordered else sorted(out) == list(range(1_000))
+
+
+def test_a_resource_in_the_middle_of_a_chain_on_the_loop_is_closed_before_the_last_output() -> None:
+    events: list[str] = []
+
+    class Session:
+        async def __aenter__(self) -> Session:
+            events.append("open")
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            await asyncio.sleep(0)
+            events.append("closed")
+
+    async def use(x: int, session: Session) -> int:
+        await asyncio.sleep(0)
+        return x
+
+    out = []
+    for x in (
+        Pipeline.from_async_iter(numbers(30))
+        .map(double, workers=4)
+        .map(use, workers=4, resource=Session)
+        .map(double, workers=4)
+    ):
+        out.append(x)
+    assert out == [4 * x for x in range(30)]
+    assert events == ["open", "closed"]
+
+
 # ---------------------------------------------------------------------------------- the example
 
 

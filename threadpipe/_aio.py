@@ -46,6 +46,7 @@ from ._calls import RateLimiter, attempts_async, handle, open_resource_async
 from ._channel import Channel
 from ._coroutine import ASYNC_GEN
 from ._errors import SourceConsumedError, describe
+from ._loopchannel import LoopChannel
 from ._reorder import Reorder
 from ._scope import Cancelled, Scope
 from ._source import SOURCE_NAME
@@ -97,6 +98,7 @@ class LoopThread:
         self._users = 0
         self._stopping = False
         self._ready = threading.Event()
+        self._ident: int | None = None  # the loop thread's, once it runs
         self._crew = Crew("loop", run, run.scope, None)
         # Loop thread only: what closes the stages' resources, run on the loop as it shuts down,
         # after every call has ended (cleanly or cancelled) and before the loop closes.
@@ -115,6 +117,10 @@ class LoopThread:
     def feeder(self, aiterator: AsyncIterator[Any], out: Channel, scope: Scope) -> AsyncFeeder:
         """Make the feeder of an async source (it holds the loop at once)."""
         return AsyncFeeder(aiterator, out, self.run, scope, self)
+
+    def on_loop(self) -> bool:
+        """Whether the caller is the loop thread."""
+        return threading.get_ident() == self._ident
 
     def hold(self) -> None:
         """Count one more user: the loop runs at least until it releases."""
@@ -197,6 +203,7 @@ class LoopThread:
             # Made here, in the thread that runs it: a loop made elsewhere and never run would have
             # to be closed by whoever made it.
             loop = asyncio.new_event_loop()
+            self._ident = threading.get_ident()
             with self._lock:
                 self.loop = loop
                 stopping = self._stopping
@@ -216,6 +223,7 @@ class LoopThread:
                         _finish(loop)
                     finally:
                         loop.close()
+                        self._ident = None  # the identity of an exited thread can be reused
             except BaseException as exc:
                 exc.add_note(
                     f"threadpipe: raised while closing the run's event loop ({LOOP_THREAD_NAME})"
@@ -302,7 +310,13 @@ class CoroutineStage(Runtime):
         # The taker and the emitter; the last one out closes the resource and releases the loop.
         super().__init__(spec, inp, out, run, scope, on_last=self._last_out)
         self.aio = aio
-        if spec.reorders:
+        # Each side of the stage runs where its buffer's other end is: a side whose buffer is a
+        # ``LoopChannel`` (a coroutine stage or an async source is at its other end) runs on the
+        # loop, with no thread of its own (the *puller* takes, an *emitter task* puts); a side on
+        # a thread buffer has its thread (the taker, the emitter).
+        self._loop_in = isinstance(inp, LoopChannel)
+        self._loop_out = isinstance(out, LoopChannel)
+        if spec.reorders and not self._loop_out:
             self.reorder = Reorder(inp, out, 2 * spec.workers)
             scope.add(self.reorder)
         # One set of counters, written by the loop thread only (each call adds itself on return).
@@ -322,6 +336,11 @@ class CoroutineStage(Runtime):
         self._taking = True
         self._saw_end = False
         self._closed = False
+        self._pulling = False  # the puller (a loop-side input) is counted in the crew
+        self._pull_blocked = False  # the puller stopped for want of permits: call it when they return
+        # Loop thread only: the emitter task (a loop-side output) and the future it waits on.
+        self._emitter: asyncio.Task[bool] | None = None
+        self._news: asyncio.Future[None] | None = None
         # Loop thread only. The loop keeps only weak references to tasks: these keep them alive
         # (by item number) until they end.
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -362,12 +381,23 @@ class CoroutineStage(Runtime):
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
-        """Start the taker and the emitter threads."""
-        try:
-            self.crew.start_all(self._take, self._emit)
-        finally:
-            if not self.crew.spawned:  # never started (the run was cancelled): let the loop go
-                self.aio.release()
+        """Start the two sides: a thread each, or on the loop the puller and the emitter task."""
+        threads = [side for side, on_loop in ((self._take, self._loop_in), (self._emit, self._loop_out)) if not on_loop]
+        if not self.crew.start_all(*threads, pieces=2 - len(threads)):
+            self.aio.release()  # never started (the run was cancelled): let the loop go
+            return
+        if self._loop_in:
+            with self._lock:
+                self._pulling = not self._closed
+                pulling = self._pulling
+            if not pulling:
+                self.crew.leave(False)
+            else:
+                self.inp.on_items = self._pull  # type: ignore[attr-defined]
+                if not self.aio.call_soon(self._pull):  # items may be waiting already
+                    self._stop_pulling(False)
+        if self._loop_out and not self.aio.call_soon(self._start_emitter):
+            self.crew.leave(False)
 
     def abort(self) -> None:
         """Wake both threads so they exit, and cancel the stage's coroutines on the loop.
@@ -380,11 +410,27 @@ class CoroutineStage(Runtime):
             self._closed = True
             self._has_room.notify_all()
             self._has_news.notify_all()
+        self._stop_pulling(False)
         self.aio.call_if_running(self._cancel_tasks)
 
     def _cancel_tasks(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
+        if self._emitter is not None:
+            self._emitter.cancel()
+
+    def _tell_emitter(self) -> None:
+        """Under ``_lock``: results or the end are in. A loop-side emitter only from the loop."""
+        if self._loop_out:
+            news, self._news = self._news, None
+            if news is not None and not news.done():
+                news.set_result(None)
+        elif self._emitter_waits:
+            self._has_news.notify()
+
+    def _wake_emitter(self) -> None:
+        with self._lock:
+            self._tell_emitter()
 
     # ------------------------------------------------------------------ the taker thread
 
@@ -423,6 +469,8 @@ class CoroutineStage(Runtime):
                 self._taking = False
                 self._saw_end = saw_end
                 self._has_news.notify_all()  # the emitter may be waiting for exactly this
+            if self._loop_out:
+                self.aio.call_soon(self._wake_emitter)
 
     # ------------------------------------------------------------------ the emitter thread
 
@@ -477,14 +525,174 @@ class CoroutineStage(Runtime):
                             self.aio.call_if_running(partial(_settle, handed))
                     del batch
                 del results, outputs  # hand the references on; a slow consumer keeps no copy
-                with self._lock:
-                    self._in_flight -= count
-                    self._has_room.notify()
+                self._give_back(count)
             return self._saw_end  # every output is out: the crew sends the end on
         except Cancelled:
             return False
         except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
             self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
+            return False
+
+    def _give_back(self, count: int) -> None:
+        """Return the permits of ``count`` items whose outputs are all handed on (either emitter)."""
+        if not count:
+            return
+        with self._lock:
+            self._in_flight -= count
+            self._has_room.notify()
+            blocked, self._pull_blocked = self._pull_blocked, False
+        if blocked:
+            if self.aio.on_loop():
+                self._pull()
+            else:
+                self.aio.call_soon(self._pull)
+
+    # ------------------------------------------------------------------ the loop-side input
+
+    def _pull(self) -> None:
+        """On the loop: take what the input buffer holds and the permits allow, and start calls.
+
+        The input buffer calls it when items or the end arrive, and ``_give_back`` when permits
+        it lacked come back. It never waits: with nothing to take it returns, and is called again.
+        """
+        try:
+            while True:  # until nothing is left to take, or no permit
+                with self._lock:
+                    if not self._pulling or self._closed:
+                        return
+                    room = self.spec.workers - self._in_flight
+                    if room <= 0:
+                        self._pull_blocked = True
+                        return
+                got = self.inp.take(room)  # type: ignore[attr-defined]
+                if got is None:
+                    return
+                items, number = got
+                if not items:
+                    self._stop_pulling(True)
+                    return
+                with self._lock:
+                    self._in_flight += len(items)
+                self._launch(items, number)
+                del items
+        except Cancelled:
+            self._stop_pulling(False)
+        except BaseException as exc:  # a threadpipe bug: fail the run rather than hang it
+            self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
+            self._stop_pulling(False)
+
+    def _stop_pulling(self, saw_end: bool) -> None:
+        """The loop-side input is done (the end came, or the stage stopped): count it out."""
+        with self._lock:
+            pulling, self._pulling = self._pulling, False
+            if pulling:
+                self._taking = False
+                self._saw_end = saw_end
+                self._has_news.notify_all()
+                if saw_end:
+                    self._tell_emitter()  # the end came on the loop
+        if pulling:
+            self.crew.leave(False)  # the emitter ends the stage, once every output is out
+
+    # ------------------------------------------------------------------ the loop-side output
+
+    def _start_emitter(self) -> None:
+        if self._closed or self.scope.cancelled[0]:
+            self.crew.leave(False)
+            return
+        loop = self.aio.loop
+        assert loop is not None  # we are running on it
+        self._emitter = loop.create_task(self._emit_on_loop())
+        self._emitter.add_done_callback(self._emitter_done)
+
+    def _emitter_done(self, task: asyncio.Task[bool]) -> None:
+        self._emitter = None
+        saw_end = False
+        if not task.cancelled():
+            exc = task.exception()
+            if exc is None:
+                saw_end = task.result()
+            else:  # a threadpipe bug: fail the run rather than hang it
+                self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
+        self.crew.leave(saw_end)
+
+    async def _emit_on_loop(self) -> bool:
+        """The emitter as a task: put the finished outputs into the next buffer, on the loop.
+
+        As the emitter thread (``_emit``), with its waits as awaits: for news on a future, for
+        room in the next buffer (a ``LoopChannel``) on another. An ordered stage keeps finished
+        items, and the parts of flat_map calls not at the head of the line, until their turn; their
+        permits come back only once their outputs are out, so it holds at most ``workers`` items.
+        """
+        out = cast("LoopChannel", self.out)
+        ordered = self.spec.reorders
+        stop = self.scope.cancelled
+        loop = asyncio.get_running_loop()
+        parts: dict[int, list[tuple[list[Any], asyncio.Future[None] | None]]] = {}
+        head = 0
+        try:
+            while True:
+                with self._lock:
+                    closed = self._closed or stop[0]
+                    results = self._results
+                    over = not results and not self._taking and not self._in_flight
+                    news = None
+                    if results:
+                        self._results = []
+                    elif not closed and not over:
+                        news = self._news = loop.create_future()
+                if closed:
+                    return False
+                if news is not None:
+                    await news
+                    continue
+                if over:
+                    break
+                count = 0
+                if ordered:
+                    for number, outputs, handed in results:
+                        parts.setdefault(number, []).append((outputs, handed))
+                    while head in parts:
+                        final = False
+                        for outputs, handed in parts.pop(head):
+                            if outputs:
+                                if count and len(out.queue) + len(outputs) > out.maxsize:
+                                    # The put will wait: the items already out give their
+                                    # permits back first.
+                                    self._give_back(count)
+                                    count = 0
+                                await out.put_async(outputs)
+                            if handed is None:
+                                final = True
+                            else:
+                                _settle(handed)
+                        if not final:
+                            break
+                        head += 1
+                        count += 1
+                else:
+                    batch: list[Any] = []
+                    for _, outputs, handed in results:
+                        batch.extend(outputs)
+                        if handed is None:
+                            count += 1
+                    if batch:
+                        await out.put_async(batch)
+                    for _, _, handed in results:
+                        if handed is not None:
+                            _settle(handed)
+                    del batch
+                del results  # hand the references on
+                self._give_back(count)
+            # Every output is out. The resource closes before the end goes on (see ``_last_out``).
+            if self.spec.options.resource is not None:
+                try:
+                    await self._close_resource()
+                except BaseException as exc:
+                    self._close_failed(exc)
+                    return False
+            return self._saw_end
+        except Cancelled:
             return False
 
     # ------------------------------------------------------------------ the loop thread
@@ -538,8 +746,7 @@ class CoroutineStage(Runtime):
             counters.busy_seconds += perf_counter() - started - throttled[0]
             with self._lock:
                 self._results.append((number, outputs, None))
-                if self._emitter_waits:
-                    self._has_news.notify()
+                self._tell_emitter()
         finally:
             del self._tasks[number]
             self._running -= 1
@@ -587,7 +794,9 @@ class CoroutineStage(Runtime):
         """
         try:
             loop = self.aio.loop
-            if self.spec.options.resource is not None and loop is not None:
+            # On the loop (the emitter task was last out) it is closed already: a clean end
+            # closes it in the task, a cancel as the loop shuts down.
+            if self.spec.options.resource is not None and loop is not None and not self.aio.on_loop():
                 self._close_on(loop)
         finally:
             self.aio.release()
@@ -607,11 +816,12 @@ class CoroutineStage(Runtime):
                 if self.scope.cancelled[0]:
                     return  # the loop's shutdown closes it now
             except BaseException as exc:
-                exc.add_note(
-                    f"threadpipe: raised while closing the resource of stage {self.spec.name!r}"
-                )
-                self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
+                self._close_failed(exc)
                 return
+
+    def _close_failed(self, exc: BaseException) -> None:
+        exc.add_note(f"threadpipe: raised while closing the resource of stage {self.spec.name!r}")
+        self.run.fail(exc, self.scope, self.spec.name, None, has_item=False)
 
     async def _invoke(self, item: Any) -> Any:
         """Call the function: ``fn(item)``, or ``fn(item, resource)`` with ``resource=``."""
@@ -737,8 +947,7 @@ class CoroutineStage(Runtime):
         handed = asyncio.get_running_loop().create_future()
         with self._lock:
             self._results.append((number, outputs, handed))
-            if self._emitter_waits:
-                self._has_news.notify()
+            self._tell_emitter()
         await handed
 
 
@@ -860,15 +1069,25 @@ class AsyncFeeder:
         self._slot: Any = _EMPTY
         self._closed = False
         self._ack: asyncio.Future[None] | None = None  # loop thread only
-        self._task: asyncio.Task[None] | None = (
+        self._task: asyncio.Task[bool] | None = (
             None  # loop thread only; the loop holds tasks weakly
         )
+        # The first buffer is on the loop (a coroutine stage reads it): the task puts the items.
+        self._direct = isinstance(out, LoopChannel)
+        self._crew: Crew | None = None
         aio.hold()
         scope.add(self)
 
     def start(self) -> None:
-        """Start the feeder thread (``threadpipe-source-0``)."""
-        crew = Crew(SOURCE_NAME, self.run, self.scope, self.out, on_last=self.aio.release)
+        """Start the feeder thread (``threadpipe-source-0``), or with a first buffer on the loop,
+        only the task, which puts the items itself."""
+        crew = self._crew = Crew(SOURCE_NAME, self.run, self.scope, self.out, on_last=self.aio.release)
+        if self._direct:
+            if not crew.start_all(pieces=1):
+                self.aio.release()
+            elif not self.aio.call_soon(self._start):
+                crew.leave(False)
+            return
         try:
             crew.start(self.feed)
         finally:
@@ -927,36 +1146,57 @@ class AsyncFeeder:
 
     def _start(self) -> None:
         if self.scope.cancelled[0]:
+            if self._direct:
+                assert self._crew is not None
+                self._crew.leave(False)
             return
         loop = self.aio.loop
         assert loop is not None  # we are running on it
         self._task = loop.create_task(self._pull())
         self._task.add_done_callback(self._reap)
 
-    def _reap(self, task: asyncio.Task[None]) -> None:
+    def _reap(self, task: asyncio.Task[bool]) -> None:
+        saw_end = False
         if not task.cancelled():
             exc = task.exception()  # retrieved; ``_pull`` carries failures itself, so a bug
             if exc is not None:
                 self.run.fail(exc, self.scope, SOURCE_NAME, None, has_item=False)
+            else:
+                saw_end = task.result()
+        if self._direct:
+            assert self._crew is not None
+            self._crew.leave(saw_end)
 
-    async def _pull(self) -> None:
+    async def _pull(self) -> bool:
+        """Pull the source; hand each item to the feeder thread, or put it into the first buffer
+        when that is on the loop. Returns whether it put the whole source (the loop-side end)."""
         aiterator = self.aiterator
         loop = asyncio.get_running_loop()
+        direct = cast("LoopChannel", self.out) if self._direct else None
         try:
             while True:
                 try:
                     item = await anext(aiterator)
                 except StopAsyncIteration:
+                    if direct is not None:
+                        return True
                     self._hand(_END_OF_SOURCE)
-                    return
+                    return False
+                if direct is not None:
+                    await direct.put_async([item])
+                    del item
+                    continue
                 self._ack = loop.create_future()
                 self._hand(item)
                 del item
                 await self._ack
         except asyncio.CancelledError:
             raise
+        except Cancelled:
+            return False
         except BaseException as exc:
             self.run.fail(exc, self.scope, SOURCE_NAME, None, has_item=False)
+            return False
         finally:
             # Like the feeder of a plain source: a source the run stopped early is closed, here on
             # the loop that iterates it, so its ``finally`` blocks run.

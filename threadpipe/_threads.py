@@ -235,27 +235,44 @@ class Crew:
         self._launch(index, target, args)
         return True
 
-    def start_all(self, *targets: Callable[[int], bool]) -> None:
+    def start_all(self, *targets: Callable[[int], bool], pieces: int = 0) -> bool:
         """Start one thread per target, each as ``target(i)``, all counted alive before any starts.
 
         So that none of them can exit as the "last" thread (and end the stage) while the others
         have not started yet.
 
+        Args:
+            targets: the threads' bodies.
+            pieces: how many more members to count alive that are not threads: parts of the stage
+                that run as callbacks and tasks on the run's event loop. Each one counts itself
+                out with :meth:`leave`, and the last member out, thread or not, ends the stage.
+
+        Returns:
+            Whether anything was started: not once the stage ended or was cancelled.
+
         Raises:
-            RuntimeError: a thread could not start; those not started are counted out.
+            RuntimeError: a thread could not start; those not started, and the pieces, are
+                counted out.
         """
-        first = self._reserve(len(targets), None)
+        first = self._reserve(len(targets), None, pieces)
         if first is None:
-            return
+            return False
         for offset, target in enumerate(targets):
             try:
                 self._launch(first + offset, target, ())
             except BaseException:
                 for _ in targets[offset + 1 :]:
                     self._exit(False)
+                for _ in range(pieces):
+                    self._exit(False, thread=False)
                 raise
+        return True
 
-    def _reserve(self, count: int, limit: int | None) -> int | None:
+    def leave(self, saw_end: bool) -> None:
+        """Count out one of the ``pieces`` of :meth:`start_all` (it saw the end, or not)."""
+        self._exit(saw_end, thread=False)
+
+    def _reserve(self, count: int, limit: int | None, pieces: int = 0) -> int | None:
         with self._lock:
             if self.ended or self.scope.cancelled[0]:
                 return None
@@ -263,7 +280,7 @@ class Crew:
                 return None
             index = self.spawned
             self.spawned += count
-            self.alive += count
+            self.alive += count + pieces
             if self.alive > self.most:
                 self.most = self.alive
         for _ in range(count):
@@ -302,7 +319,7 @@ class Crew:
             # traceback: it must not hold the crew, which holds the run.
             del self
 
-    def _exit(self, saw_end: bool) -> None:
+    def _exit(self, saw_end: bool, thread: bool = True) -> None:
         with self._lock:
             self.alive -= 1
             last = self.alive == 0
@@ -317,4 +334,7 @@ class Crew:
                 if ended and self.out is not None and not self.scope.cancelled[0]:
                     self.out.put_end()
         finally:
-            self.run.thread_exited()
+            if thread:
+                # A piece on the loop is not one of the run's threads: the loop thread, which the
+                # stage holds until its last member is out, counts for it.
+                self.run.thread_exited()

@@ -124,13 +124,28 @@ def wire(
         from ._trace import Tracer  # the recorder; the trace options were imported with the pipeline
 
         state.trace = Tracer(tuple(spec.name for spec in specs), trace_cap, state.clock.started)
+    aio: LoopThread | None = None
+    if source.is_async or any(spec.coroutine for spec in specs):
+        from ._aio import LoopThread  # here, not at the top: only such runs import asyncio
+
+        aio = LoopThread(state)
     capacities = [spec.capacity for spec in specs] + [output_capacity]
     names = [SOURCE_NAME, *(spec.name for spec in specs)]
     reliefs = [spec.relief for spec in specs] + [output_relief]
-    channels = [
-        (ReliefChannel if relief else Channel)(cap, name)
-        for cap, name, relief in zip(capacities, names, reliefs, strict=True)
-    ]
+    # Who writes each channel, and who reads it, is on the loop: an async source, a coroutine stage.
+    writers_on_loop = [source.is_async, *(bool(spec.coroutine) for spec in specs)]
+    readers_on_loop = [*(bool(spec.coroutine) for spec in specs), False]
+    channels: list[Channel] = []
+    for cap, name, relief, writer_on_loop, reader_on_loop in zip(
+        capacities, names, reliefs, writers_on_loop, readers_on_loop, strict=True
+    ):
+        if aio is not None and writer_on_loop and reader_on_loop and not relief:
+            # Both ends on the loop: the items stay there, no thread in between.
+            from ._loopchannel import LoopChannel
+
+            channels.append(LoopChannel(cap, name, aio))
+        else:
+            channels.append((ReliefChannel if relief else Channel)(cap, name))
     state.channels = channels
     scopes = []
     scope = state.segments[0]
@@ -140,11 +155,6 @@ def wire(
         scopes.append(scope)
     for channel, writer in zip(channels, [state.segments[0], *scopes], strict=True):
         writer.add(channel)
-    aio: LoopThread | None = None
-    if source.is_async or any(spec.coroutine for spec in specs):
-        from ._aio import LoopThread  # here, not at the top: only such runs import asyncio
-
-        aio = LoopThread(state)
     stages = tuple(
         aio.stage(spec, channels[i], channels[i + 1], scopes[i])
         if aio is not None and spec.coroutine
