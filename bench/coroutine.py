@@ -4,6 +4,7 @@ Usage::
 
     python bench/coroutine.py                     # c in 1, 8, 64, 256; every library
     python bench/coroutine.py --c 64,256 --libs threadpipe,asyncio
+    python bench/coroutine.py --c 64,256 --reps 5 # interleaved in one process, median of 5
 
 N = 1000 items, 3 stages, durations uniform 5-10 ms from the headline's fixed seed, unordered, c
 coroutines in flight per stage. Every run happens in a fresh subprocess under a timeout, so an
@@ -14,6 +15,11 @@ Besides LB(c) the table shows the *ideal FIFO* time: a zero-overhead simulation 
 taking items in arrival order. LB(c) ignores that the last items to enter the first stage still have
 three stages to go, so at high c no FIFO pipeline can come near it; the ideal FIFO time is what a
 perfect implementation of the pattern would take.
+
+With ``--reps R`` the libraries that cannot hang (threadpipe, asyncio by hand, streamable) run in
+one child process, **interleaved** (repeat r runs every library at every c before repeat r + 1),
+and each cell is the median of the R runs with the min-max spread and the first run apart;
+pypeln and pyper run their R repeats in a child of their own each.
 
 ``bench/run.py --only coroutine`` runs the same measurements as a section of the full benchmark.
 """
@@ -251,6 +257,88 @@ def measure(lib: str, c: int, n: int = N_ITEMS) -> Cell:
     return Cell(lib, c, "error", error=f"exit {proc.returncode}: {proc.stderr.strip()[-200:]}")
 
 
+# Libraries safe to interleave in one process: none of them can hang or leave threads polling.
+INTERLEAVED = ("threadpipe", "asyncio", "streamable")
+
+
+def child_reps(libs: Sequence[str], cs: Sequence[int], n: int, reps: int) -> dict[str, Any]:
+    """``reps`` rounds in this process, each running every library at every c: the seconds of each."""
+    stages = async_sleep_stages(uniform_table(n))
+    for lib in libs:
+        for module in IMPORTS[lib]:
+            importlib.import_module(module)
+    times: dict[str, list[float]] = {f"{lib} {c}": [] for lib in libs for c in cs}
+    for _ in range(reps):
+        for c in cs:
+            for lib in libs:
+                start = time.perf_counter()
+                count = total = 0
+                for item in RUNNERS[lib](stages, n, c):
+                    count += 1
+                    total += item
+                seconds = time.perf_counter() - start
+                if (count, total) != (n, n * (n - 1) // 2):
+                    raise RuntimeError(f"{lib}: got {count} outputs summing to {total}")
+                times[f"{lib} {c}"].append(seconds)
+    return times
+
+
+def measure_reps(
+    libs: Sequence[str], cs: Sequence[int], reps: int, n: int = N_ITEMS
+) -> dict[tuple[str, int], list[float] | str]:
+    """Run ``child_reps`` in a fresh interpreter; a failure or a timeout becomes every cell's text."""
+    table = uniform_table(n)
+    timeout = 30.0 + 6 * reps * len(libs) * sum(lower_bound(table, c) for c in cs)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), str(BENCH_DIR), env.get("PYTHONPATH")])
+    )
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-reps",
+        ",".join(libs),
+        ",".join(map(str, cs)),
+        str(n),
+        str(reps),
+    ]
+    try:
+        proc = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {(lib, c): "timeout" for lib in libs for c in cs}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            data = json.loads(line[len("RESULT ") :])
+            if data.pop("status") != "ok":
+                return {(lib, c): "error: " + data.get("type", "?") for lib in libs for c in cs}
+            return {(lib, c): data["times"][f"{lib} {c}"] for lib in libs for c in cs}
+    error = f"exit {proc.returncode}"
+    return {(lib, c): error for lib in libs for c in cs}
+
+
+def reps_text(times: list[float] | str | None, ideal: float) -> str:
+    """``median (min-max) first`` as ratios to the ideal FIFO schedule, else the status."""
+    if times is None:
+        return "-"
+    if isinstance(times, str):
+        return times
+    ordered = sorted(times)
+    median = (
+        ordered[len(ordered) // 2]
+        if len(ordered) % 2
+        else sum(ordered[len(ordered) // 2 - 1 : len(ordered) // 2 + 1]) / 2
+    )
+    return f"{median / ideal:.2f} ({ordered[0] / ideal:.2f}-{ordered[-1] / ideal:.2f}) first {times[0] / ideal:.2f}"
+
+
 def plan(libs: Sequence[str], cs: Sequence[int], c1_libs: Sequence[str]) -> list[tuple[str, int]]:
     """Which (library, c) runs: c = 1 (7.6 s a run) only for ``c1_libs``."""
     return [(lib, c) for lib in libs for c in cs if c != 1 or lib in c1_libs]
@@ -262,7 +350,9 @@ def cell_text(cell: Cell | None, lb: float, ideal: float) -> str:
         return "-"
     if cell.status != "ok" or cell.seconds is None:
         return cell.status + (f": {cell.error.split(':')[0]}" if cell.error else "")
-    return f"{cell.seconds:.3g}s {cell.seconds / lb:.2f}x|{cell.seconds / ideal:.2f}x {cell.threads}t"
+    return (
+        f"{cell.seconds:.3g}s {cell.seconds / lb:.2f}x|{cell.seconds / ideal:.2f}x {cell.threads}t"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -273,8 +363,25 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--libs", default=",".join(RUNNERS), help=f"from {', '.join(RUNNERS)}")
     parser.add_argument("--c1-libs", default="threadpipe,asyncio", help="libraries also run at c=1")
+    parser.add_argument("--reps", type=int, default=0, help="repeats, interleaved in one process")
     parser.add_argument("--child", nargs=3, metavar=("LIB", "C", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-reps", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_reps:
+        libs_, cs_, n_, reps_ = args.child_reps
+        try:
+            result = {
+                "status": "ok",
+                "times": child_reps(
+                    libs_.split(","), [int(c) for c in cs_.split(",")], int(n_), int(reps_)
+                ),
+            }
+        except Exception as exc:  # reported as table cells
+            result = {"status": "error", "type": type(exc).__name__, "message": str(exc)}
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    if args.reps:
+        return main_reps(args)
     if args.child:
         lib, c, n = args.child[0], int(args.child[1]), int(args.child[2])
         try:
@@ -289,7 +396,9 @@ def main(argv: list[str]) -> int:
     table = uniform_table(N_ITEMS)
     cells = {(lib, c): measure(lib, c) for lib, c in plan(libs, cs, args.c1_libs.split(","))}
     print(f"1c. coroutine variant: N={N_ITEMS}, 3 async stages, asyncio.sleep uniform 5-10 ms,")
-    print(f"    seed {SEED}, unordered; cells: seconds, ratio to LB(c) | to the ideal FIFO schedule,")
+    print(
+        f"    seed {SEED}, unordered; cells: seconds, ratio to LB(c) | to the ideal FIFO schedule,"
+    )
     print("    peak threads besides main")
     print(f"    python {sys.version.split()[0]}, {os.cpu_count()} cores")
     rows = [["LB(c)", *(f"{lower_bound(table, c):.3g}s" for c in cs)]]
@@ -313,6 +422,49 @@ def main(argv: list[str]) -> int:
         for lib in libs
     ]
     header = ["", *(f"c={c}" for c in cs)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return 0
+
+
+def main_reps(args: argparse.Namespace) -> int:
+    """The ``--reps`` table: ratios to the ideal FIFO schedule, median of the repeats."""
+    cs = [int(c) for c in args.c.split(",")]
+    libs = [lib for lib in args.libs.split(",") if lib]
+    table = uniform_table(N_ITEMS)
+    together = [lib for lib in libs if lib in INTERLEAVED]
+    results: dict[tuple[str, int], list[float] | str] = {}
+    if together:
+        results.update(measure_reps(together, cs, args.reps))
+    for lib in libs:
+        if lib not in INTERLEAVED:
+            results.update(measure_reps([lib], cs, args.reps))
+    print(
+        f"1c. coroutine variant, {args.reps} repeats interleaved in one process ({', '.join(together)};"
+    )
+    print(
+        "    others in a child each): ratio to the ideal FIFO schedule, median (min-max), first run"
+    )
+    print(f"    python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    header = ["", *(f"c={c}" for c in cs)]
+    rows = [
+        [
+            "ideal FIFO",
+            *(
+                f"{ideal_fifo(table, c):.3g}s = {ideal_fifo(table, c) / lower_bound(table, c):.2f}x LB"
+                for c in cs
+            ),
+        ]
+    ]
+    rows += [
+        [lib, *(reps_text(results.get((lib, c)), ideal_fifo(table, c)) for c in cs)] for lib in libs
+    ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(

@@ -37,8 +37,9 @@ import asyncio
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
+from itertools import islice
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
@@ -46,7 +47,7 @@ from ._calls import RateLimiter, attempts_async, handle, open_resource_async
 from ._channel import Channel
 from ._coroutine import ASYNC_GEN
 from ._errors import SourceConsumedError, describe
-from ._loopchannel import LoopChannel
+from ._loopchannel import LoopChannel, LoopLink
 from ._reorder import Reorder
 from ._scope import Cancelled, Scope
 from ._source import SOURCE_NAME
@@ -114,7 +115,9 @@ class LoopThread:
         """Make the runtime of a coroutine stage on this loop (it holds the loop at once)."""
         return CoroutineStage(spec, inp, out, self.run, scope, self)
 
-    def feeder(self, aiterator: AsyncIterator[Any], out: Channel, scope: Scope) -> AsyncFeeder:
+    def feeder(
+        self, aiterator: AsyncIterator[Any] | Iterator[Any], out: Channel, scope: Scope
+    ) -> AsyncFeeder:
         """Make the feeder of an async source (it holds the loop at once)."""
         return AsyncFeeder(aiterator, out, self.run, scope, self)
 
@@ -310,12 +313,15 @@ class CoroutineStage(Runtime):
         # The taker and the emitter; the last one out closes the resource and releases the loop.
         super().__init__(spec, inp, out, run, scope, on_last=self._last_out)
         self.aio = aio
-        # Each side of the stage runs where its buffer's other end is: a side whose buffer is a
-        # ``LoopChannel`` (a coroutine stage or an async source is at its other end) runs on the
-        # loop, with no thread of its own (the *puller* takes, an *emitter task* puts); a side on
-        # a thread buffer has its thread (the taker, the emitter).
-        self._loop_in = isinstance(inp, LoopChannel)
+        # Each side of the stage runs on the loop when its buffer lets it (see ``_loopchannel``):
+        # the output side as an *emitter task* when the next buffer is written on the loop (any
+        # but a relief valve), the input side as the *puller* when the input buffer is a
+        # ``LoopLink`` (a coroutine stage or an async source writes it). A side on a thread
+        # buffer has its thread: the taker, the emitter.
+        self._loop_in = isinstance(inp, LoopLink)
         self._loop_out = isinstance(out, LoopChannel)
+        # A call of an unordered stage puts its outputs in itself when they fit.
+        self._put_now = out.put_now if isinstance(out, LoopChannel) and not spec.ordered else None
         if spec.reorders and not self._loop_out:
             self.reorder = Reorder(inp, out, 2 * spec.workers)
             scope.add(self.reorder)
@@ -341,10 +347,18 @@ class CoroutineStage(Runtime):
         # Loop thread only: the emitter task (a loop-side output) and the future it waits on.
         self._emitter: asyncio.Task[bool] | None = None
         self._news: asyncio.Future[None] | None = None
-        # Loop thread only. The loop keeps only weak references to tasks: these keep them alive
-        # (by item number) until they end.
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._running = 0
+        # Loop thread only: the calls run in worker tasks, each making one call at a time and
+        # reused for the next item (a task per call would cost a task's creation per item, the
+        # main cost of a call at high concurrency). Items taken and not yet started wait in
+        # ``_backlog``; idle workers wait on a future each in ``_idle``; ``_waking`` counts the
+        # workers made or woken that have not taken an item yet, never fewer than the backlog's
+        # items, so each item has a worker coming. The loop keeps only weak references to
+        # tasks: ``_workers`` keeps them alive.
+        self._backlog: deque[tuple[int, Any]] = deque()
+        self._idle: list[asyncio.Future[None]] = []
+        self._waking = 0
+        self._workers: set[asyncio.Task[None]] = set()
+        self._running = 0  # calls started and not ended
         self._plain_map = spec.kind == MAP and spec.timeout is None and spec.options.plain
         # Loop thread only: the stage's resource (``resource=``), made on the loop before the
         # first call by a task every call awaits, and the call failure that ended the stage.
@@ -414,7 +428,7 @@ class CoroutineStage(Runtime):
         self.aio.call_if_running(self._cancel_tasks)
 
     def _cancel_tasks(self) -> None:
-        for task in list(self._tasks.values()):
+        for task in list(self._workers):
             task.cancel()
         if self._emitter is not None:
             self._emitter.cancel()
@@ -541,6 +555,8 @@ class CoroutineStage(Runtime):
             self._in_flight -= count
             self._has_room.notify()
             blocked, self._pull_blocked = self._pull_blocked, False
+            if not self._in_flight and not self._taking:
+                self._tell_emitter()  # it may be waiting for the last permit to end the stage
         if blocked:
             if self.aio.on_loop():
                 self._pull()
@@ -702,24 +718,53 @@ class CoroutineStage(Runtime):
         # a batch that arrives once the run stopped starts nothing (no call after a cancel).
         if self.scope.cancelled[0] or self._closed:
             return
-        loop = self.aio.loop
-        assert loop is not None  # we are running on it
-        tasks = self._tasks
-        for offset, item in enumerate(items):
-            tasks[number + offset] = loop.create_task(self._call(number + offset, item))
+        backlog = self._backlog
+        backlog.extend(zip(range(number, number + len(items)), items))
         self._running += len(items)
         self.peak = max(self._running, self.peak or 0)
+        # Every item waiting needs a worker coming: an idle one woken, or a new one.
+        need = len(backlog) - self._waking
+        idle = self._idle
+        while need > 0 and idle:
+            waiter = idle.pop()
+            if not waiter.done():  # else its worker was cancelled
+                waiter.set_result(None)
+                self._waking += 1
+                need -= 1
+        if need > 0:
+            loop = self.aio.loop
+            assert loop is not None  # we are running on it
+            self._waking += need
+            for _ in range(need):
+                task = loop.create_task(self._work())
+                self._workers.add(task)
+                task.add_done_callback(self._workers.discard)
+
+    async def _work(self) -> None:
+        """A worker task: make calls, one at a time, while items wait; then wait to be woken."""
+        backlog = self._backlog
+        loop = asyncio.get_running_loop()
+        while True:
+            self._waking -= 1  # made or woken for an item: it is here now
+            while backlog:  # its item, and any other left waiting when its call ends
+                number, item = backlog.popleft()
+                await self._call(number, item)
+                del item
+            if self._closed or self.scope.cancelled[0]:
+                return
+            waiter = loop.create_future()
+            self._idle.append(waiter)
+            await waiter
 
     async def _call(self, number: int, item: Any) -> None:
-        # Every task's outcome is accounted for without a done-callback (which would cost a loop
-        # iteration per call): this body never raises but CancelledError, and a cancelled task has
-        # nothing to retrieve. Failures go to the run as values, KeyboardInterrupt included, so
-        # nothing escapes into the loop.
+        # This body never raises but CancelledError, so a worker's task never ends with an
+        # exception to retrieve, and a cancelled task has nothing to retrieve. Failures go to the
+        # run as values, KeyboardInterrupt included, so nothing escapes into the loop.
         started = perf_counter()
         throttled = [0.0]  # this call's waits for the rate limit: not busy time
         try:
-            # A task starts on the loop's next turn: the stage may have been cut off since it was
-            # made (a take() downstream has all it needs). No call starts after a cancel.
+            # A worker starts on the loop's next turn: the stage may have been cut off since the
+            # item was taken (a take() downstream has all it needs). No call starts after a cancel.
             if self.scope.cancelled[0]:
                 return
             try:
@@ -744,11 +789,20 @@ class CoroutineStage(Runtime):
             counters.items_in += 1
             counters.items_out += len(outputs)
             counters.busy_seconds += perf_counter() - started - throttled[0]
+            # Unordered into a buffer on the loop with room: put them in now, and skip the
+            # emitter (a turn of the loop later). Otherwise the emitter waits for room.
+            if self._put_now is not None:
+                try:
+                    done = not outputs or self._put_now(outputs)
+                except Cancelled:  # the buffer was aborted: the stage is stopping
+                    return
+                if done:
+                    self._give_back(1)
+                    return
             with self._lock:
                 self._results.append((number, outputs, None))
                 self._tell_emitter()
         finally:
-            del self._tasks[number]
             self._running -= 1
             # A failed call's traceback reaches this frame (the user's coroutine links to it): it
             # must not hold the stage, which holds the run.
@@ -1036,11 +1090,16 @@ class AsyncSource:
 class AsyncFeeder:
     """Pulls an async source on the run's loop and puts its items into the first buffer.
 
-    The async iterator must run on the loop, and a put may wait for room, which the loop must never
-    do. So a task on the loop pulls one item and hands it over; the feeder thread
-    (``threadpipe-source-0``) puts it, and only then lets the task pull the next. The source is thus
-    never pulled more than one item ahead of the buffer, like a plain source. On cancel the loop
-    cancels the task, which closes the iterator (``aclose()``) on its way out, on the loop.
+    The async iterator runs on the loop, in a task. When the first buffer is written on the loop
+    (see ``_loopchannel``) the task puts each item itself, waiting for room as an await. Into a
+    relief valve (a plain ``Channel``), whose put the loop must not make, the task hands each item
+    to the feeder thread (``threadpipe-source-0``), which puts it, and only then lets the task pull
+    the next. Either way the source is never pulled more than one item ahead of the buffer, like a
+    plain source. On cancel the loop cancels the task, which closes the iterator (``aclose()``) on
+    its way out, on the loop.
+
+    The same task feeds a coroutine stage from a container in memory (``Source.launch``), a buffer's
+    worth at a time: nothing in it can block the loop.
 
     Args:
         aiterator: the opened async source.
@@ -1052,7 +1111,7 @@ class AsyncFeeder:
 
     def __init__(
         self,
-        aiterator: AsyncIterator[Any],
+        aiterator: AsyncIterator[Any] | Iterator[Any],
         out: Channel,
         run: RunState,
         scope: Scope,
@@ -1174,6 +1233,15 @@ class AsyncFeeder:
         loop = asyncio.get_running_loop()
         direct = cast("LoopChannel", self.out) if self._direct else None
         try:
+            if not hasattr(type(aiterator), "__anext__"):
+                # A container's items (``Source.launch``): nothing to await but room, a buffer's
+                # worth at a time, as the feeder thread of a container takes them.
+                assert direct is not None
+                size = max(1, direct.maxsize)
+                while items := list(islice(cast("Iterator[Any]", aiterator), size)):
+                    await direct.put_async(items)
+                    del items
+                return True
             while True:
                 try:
                     item = await anext(aiterator)

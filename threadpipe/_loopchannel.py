@@ -1,24 +1,30 @@
-"""The buffer between two parts of a run that both live on the run's event loop.
+"""The buffers a run's event loop writes: no thread between a coroutine stage and what follows it.
 
-Between two coroutine stages, or an async source and a coroutine stage, items need not cross to a
-thread and back: the writer is a task on the loop and the reader starts its calls on the loop. A
-:class:`LoopChannel` links them there. It is a :class:`~threadpipe._channel.Channel` (same bound,
-same end sentinel, same numbering of items for ordered stages, same abort, readable by statistics
-and the monitor from any thread), with the blocking ends replaced by loop-native ones:
+A coroutine stage (or an async source) runs on the run's loop. The buffer after it is written there,
+by a task, so it must never make the writer *block*: a blocked loop freezes every coroutine of the
+run. These buffers are :class:`~threadpipe._channel.Channel`\\ s (same bound, same end sentinel,
+same numbering of items for ordered stages, same abort, readable by statistics and the monitor from
+any thread) with a loop-native writing end:
 
-* the writer ``await``\\ s :meth:`LoopChannel.put_async`, which waits for room on a future, so a full
-  buffer suspends the writing task and never the loop;
-* the reader does not wait at all: it registers ``on_items``, which the channel calls (on the loop)
-  whenever items or the end arrive, and takes what it has room for with :meth:`LoopChannel.take`.
+* :class:`LoopChannel`, read by threads (a thread stage's workers, an operator, the caller): the
+  writer ``await``\\ s :meth:`LoopChannel.put_async`, which suspends the writing task on a future
+  while the buffer is full; the reader that makes room (down to half, as ``Channel`` batches its
+  wake-ups) has the loop resolve it. So the loop hands items straight to the threads, with no
+  emitter thread in between.
+* :class:`LoopLink`, read on the loop too (by the next coroutine stage): the reader does not wait
+  at all. It registers ``on_items``, which the buffer calls on the loop whenever items or the end
+  arrive, and takes what its permits allow with :meth:`LoopLink.take`. Items between two coroutine
+  stages never leave the loop.
 
-The blocking ``put_many``/``get_many`` are refused: called on the loop, they would freeze every
-coroutine of the run. Only the loop thread moves items; other threads only read its size (under
-``mutex``), abort it, and end it (``put_end``, which hops to the loop).
+The blocking ``put_many``/``try_put`` are refused, and a ``LoopLink``'s ``get_many``: called on the
+loop, they would freeze it. Threads only read a buffer's size (under ``mutex``), read a
+``LoopChannel``, abort one, and end one (``put_end``, which reaches a loop reader through the loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +34,11 @@ from ._scope import Cancelled
 if TYPE_CHECKING:
     from ._aio import LoopThread
 
-__all__ = ["LoopChannel"]
+__all__ = ["LoopChannel", "LoopLink"]
 
 
 class LoopChannel(Channel):
-    """A bounded FIFO whose writer and reader both run on the run's loop ``aio``.
+    """A bounded FIFO written on the run's loop ``aio`` and read by threads.
 
     Args:
         maxsize: the most items it holds (the sentinel is not counted). Must be >= 1.
@@ -40,55 +46,142 @@ class LoopChannel(Channel):
         aio: the run's loop.
     """
 
+    written_on_loop = True  # a source feeds it from the loop (see ``Source.launch``)
+
     def __init__(self, maxsize: int, name: str, aio: LoopThread) -> None:
         super().__init__(maxsize, name)
-        self.aio = aio
-        # The reader's callback, called on the loop when items or the end arrive, or when an
-        # ordered reader's window opens; it takes what it has room for.
-        self.on_items: Callable[[], None] | None = None
-        # Loop thread only: the writers waiting for room (one future each).
+        # Weakly: the run's state holds its channels, and the loop holds the run's state. A run
+        # that failed must be freed by reference counting alone; with no loop, nobody is waiting.
+        self._aio = weakref.ref(aio)
+        # Loop thread only: the writers waiting for room, a future each.
         self._room: list[asyncio.Future[None]] = []
-        # Set (under ``mutex``) when the reader found items it was not allowed to take yet (an
-        # ordered stage's window): ``raise_limit`` calls it again.
-        self._held_back = False
+        # Under ``mutex``: a writer waits for room (a reader in a thread reads this to know it
+        # must have the loop wake it).
+        self._writer_waits = False
 
     def __repr__(self) -> str:
         aborted = " aborted" if self.aborted else ""
-        return f"<LoopChannel {self.name!r} {self.qsize()}/{self.maxsize}{aborted}>"
+        return f"<{type(self).__name__} {self.name!r} {self.qsize()}/{self.maxsize}{aborted}>"
 
-    put_many = get_many = try_put = Channel._refuse  # type: ignore[assignment]
+    put_many = try_put = Channel._refuse  # type: ignore[assignment]
 
     async def put_async(self, items: list[Any]) -> None:
-        """Append all of ``items`` in order, waiting (suspending the calling task) for room.
+        """On the loop: append all of ``items`` in order, suspending the calling task for room.
 
         Raises:
             Cancelled: the channel was aborted before every item was appended.
         """
         done = 0
         n = len(items)
-        q = self.queue
         while done < n:
-            if self.aborted:
-                raise Cancelled
-            room = self.maxsize - len(q)
-            if room <= 0:
-                waiter = asyncio.get_running_loop().create_future()
-                self._room.append(waiter)
+            starved = False
+            with self.mutex:
+                if self.aborted:
+                    raise Cancelled
+                q = self.queue
+                room = self.maxsize - len(q)
+                if room <= 0:
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._room.append(waiter)
+                    self._writer_waits = True
+                else:
+                    waiter = None
+                    if done == 0 and room >= n:
+                        q.extend(items)
+                        room = n
+                    else:
+                        room = min(room, n - done)
+                        q.extend(items[done : done + room])
+                    done += room
+                    # As ``Channel.put_many``: wake idle readers, or tell a stage that can grow
+                    # that items pile up with nobody idle to take them.
+                    if self.idle_getters:
+                        self.not_empty.notify(room)
+                    elif len(q) > room:
+                        starved = True
+            if waiter is not None:
                 try:
                     await waiter
                 finally:
                     if not waiter.done():  # the writer was cancelled while it waited
                         self._room.remove(waiter)
                 continue
-            with self.mutex:
-                if done == 0 and room >= n:
-                    q.extend(items)
-                    done = n
-                else:
-                    part = items[done : done + room]
-                    q.extend(part)
-                    done += len(part)
-            self._tell_reader()
+            if starved:
+                self._starved()
+            self._told()
+
+    def put_now(self, items: list[Any]) -> bool:
+        """On the loop: append all of ``items`` if they fit now, else none; never waits.
+
+        Raises:
+            Cancelled: the channel was aborted.
+        """
+        n = len(items)
+        with self.mutex:
+            if self.aborted:
+                raise Cancelled
+            q = self.queue
+            if self._room or len(q) + n > self.maxsize:
+                return False  # no room, or writers wait already: they go first
+            q.extend(items)
+            starved = False
+            if self.idle_getters:
+                self.not_empty.notify(n)
+            elif len(q) > n:
+                starved = True
+        if starved:
+            self._starved()
+        self._told()
+        return True
+
+    def get_many(
+        self, max_items: int, timeout: float | None = None, share: int = 1
+    ) -> tuple[list[Any], int] | None:
+        """As ``Channel.get_many``, and a writer on the loop waiting for room is woken once the
+        buffer is down to half."""
+        got = super().get_many(max_items, timeout, share)
+        with self.mutex:
+            wake = self._writer_waits and len(self.queue) <= self.maxsize >> 1
+            if wake:
+                self._writer_waits = False
+        aio = self._aio()
+        if wake and aio is not None:
+            aio.call_soon(self._wake_writers)
+        return got
+
+    def abort(self) -> None:
+        """Drop the items held and refuse every put and take from now on; from any thread."""
+        super().abort()
+        aio = self._aio()
+        if aio is not None:
+            aio.call_if_running(self._wake_writers)
+
+    def _wake_writers(self) -> None:
+        """On the loop: let every waiting writer look for room again."""
+        with self.mutex:
+            self._writer_waits = False
+        waiters, self._room = self._room, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _told(self) -> None:
+        """Items were put (on the loop): a reader on the loop hears of it here."""
+
+
+class LoopLink(LoopChannel):
+    """A bounded FIFO whose writer and reader both run on the run's loop ``aio``."""
+
+    def __init__(self, maxsize: int, name: str, aio: LoopThread) -> None:
+        super().__init__(maxsize, name, aio)
+        # The reader's callback, called on the loop when items or the end arrive, or when an
+        # ordered reader's window opens; it takes what it has room for.
+        self.on_items: Callable[[], None] | None = None
+        # Under ``mutex``: the reader found items it was not allowed to take yet (an ordered
+        # stage's window); ``raise_limit`` calls it again.
+        self._held_back = False
+
+    get_many = Channel._refuse  # type: ignore[assignment]
 
     def take(self, max_items: int) -> tuple[list[Any], int] | None:
         """On the loop: take up to ``max_items`` items that are there, without waiting.
@@ -135,10 +228,7 @@ class LoopChannel(Channel):
         """Append the end-of-input sentinel; from any thread (the reader hears of it on the loop)."""
         with self.mutex:
             self.queue.append(END)
-        if self.aio.on_loop():
-            self._tell_reader()
-        else:
-            self.aio.call_soon(self._tell_reader)
+        self._tell_from_anywhere()
 
     def raise_limit(self, limit: int) -> None:
         """Allow items numbered below ``limit`` to be taken; from any thread."""
@@ -146,24 +236,18 @@ class LoopChannel(Channel):
             self.limit = limit
             held_back, self._held_back = self._held_back, False
         if held_back:
-            if self.aio.on_loop():
-                self._tell_reader()
-            else:
-                self.aio.call_soon(self._tell_reader)
+            self._tell_from_anywhere()
 
-    def abort(self) -> None:
-        """Drop the items held and refuse every put and take from now on; from any thread."""
-        super().abort()
-        self.aio.call_if_running(self._wake_writers)
+    def _tell_from_anywhere(self) -> None:
+        aio = self._aio()
+        if aio is None:
+            return  # the loop is gone: nobody reads this any more
+        if aio.on_loop():
+            self._told()
+        else:
+            aio.call_soon(self._told)
 
-    def _wake_writers(self) -> None:
-        waiters, self._room = self._room, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _tell_reader(self) -> None:
+    def _told(self) -> None:
         reader = self.on_items  # read once: the reader may drop it from another thread
         if reader is not None:
             reader()
-

@@ -87,7 +87,11 @@ class Source:
     def launch(
         self, opened: Iterator[Any], out: Channel, state: RunState, scope: Scope, aio: Any
     ) -> None:
-        """Start the feeder thread over what :meth:`open` returned."""
+        """Start the feeder thread over what :meth:`open` returned; or, for a container in memory
+        whose first buffer is written on the run's loop (a coroutine stage reads it), a task there."""
+        if aio is not None and getattr(out, "written_on_loop", False):
+            aio.feeder(opened, out, scope).start()
+            return
         start_feeder(opened, out, state, scope, self.in_memory)
 
 

@@ -133,17 +133,20 @@ def wire(
     names = [SOURCE_NAME, *(spec.name for spec in specs)]
     reliefs = [spec.relief for spec in specs] + [output_relief]
     # Who writes each channel, and who reads it, is on the loop: an async source, a coroutine stage.
-    writers_on_loop = [source.is_async, *(bool(spec.coroutine) for spec in specs)]
+    # A container in memory feeds a coroutine stage from the loop too: taking its items cannot block.
+    feeds_loop = bool(specs) and bool(specs[0].coroutine) and getattr(source, "in_memory", False)
+    writers_on_loop = [source.is_async or feeds_loop, *(bool(spec.coroutine) for spec in specs)]
     readers_on_loop = [*(bool(spec.coroutine) for spec in specs), False]
     channels: list[Channel] = []
     for cap, name, relief, writer_on_loop, reader_on_loop in zip(
         capacities, names, reliefs, writers_on_loop, readers_on_loop, strict=True
     ):
-        if aio is not None and writer_on_loop and reader_on_loop and not relief:
-            # Both ends on the loop: the items stay there, no thread in between.
-            from ._loopchannel import LoopChannel
+        if aio is not None and writer_on_loop and not relief:
+            # Written on the loop, without a thread in between; read there too, when the reader
+            # is on the loop: the items stay on it.
+            from ._loopchannel import LoopChannel, LoopLink
 
-            channels.append(LoopChannel(cap, name, aio))
+            channels.append((LoopLink if reader_on_loop else LoopChannel)(cap, name, aio))
         else:
             channels.append((ReliefChannel if relief else Channel)(cap, name))
     state.channels = channels
