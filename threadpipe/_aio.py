@@ -320,7 +320,8 @@ class CoroutineStage(Runtime):
         # buffer has its thread: the taker, the emitter.
         self._loop_in = isinstance(inp, LoopLink)
         self._loop_out = isinstance(out, LoopChannel)
-        # A call of an unordered stage puts its outputs in itself when they fit.
+        # A call of an unordered stage puts its outputs in itself, into a buffer written on the
+        # loop; an ordered one leaves that to the emitter, which keeps the order.
         self._put_now = out.put_now if isinstance(out, LoopChannel) and not spec.ordered else None
         if spec.reorders and not self._loop_out:
             self.reorder = Reorder(inp, out, 2 * spec.workers)
@@ -339,6 +340,7 @@ class CoroutineStage(Runtime):
         # outputs (the call is over), else the loop's future the call waits on for that part.
         self._results: list[tuple[int, list[Any], asyncio.Future[None] | None]] = []
         self._emitter_waits = False  # spares the loop thread a notify when nobody waits
+        self._taker_waits = False  # likewise for the taker thread
         self._taking = True
         self._saw_end = False
         self._closed = False
@@ -350,13 +352,15 @@ class CoroutineStage(Runtime):
         # Loop thread only: the calls run in worker tasks, each making one call at a time and
         # reused for the next item (a task per call would cost a task's creation per item, the
         # main cost of a call at high concurrency). Items taken and not yet started wait in
-        # ``_backlog``; idle workers wait on a future each in ``_idle``; ``_waking`` counts the
-        # workers made or woken that have not taken an item yet, never fewer than the backlog's
-        # items, so each item has a worker coming. The loop keeps only weak references to
-        # tasks: ``_workers`` keeps them alive.
+        # ``_backlog``; a worker whose call ends takes the next one there. Idle workers wait on a
+        # future each in ``_idle``; ``_waking`` counts the workers made or woken that have not
+        # taken an item yet. ``_assign``, due whenever items were added, wakes or makes workers
+        # until there are as many coming as items waiting, so each item has one. The loop keeps
+        # only weak references to tasks: ``_workers`` keeps them alive.
         self._backlog: deque[tuple[int, Any]] = deque()
         self._idle: list[asyncio.Future[None]] = []
         self._waking = 0
+        self._assigning = False  # an ``_assign`` is due
         self._workers: set[asyncio.Task[None]] = set()
         self._running = 0  # calls started and not ended
         self._plain_map = spec.kind == MAP and spec.timeout is None and spec.options.plain
@@ -456,7 +460,9 @@ class CoroutineStage(Runtime):
             while True:
                 with self._lock:
                     while self._in_flight >= limit and not self._closed:
+                        self._taker_waits = True
                         self._has_room.wait()
+                        self._taker_waits = False
                     if self._closed:
                         return False
                     room = limit - self._in_flight
@@ -553,7 +559,8 @@ class CoroutineStage(Runtime):
             return
         with self._lock:
             self._in_flight -= count
-            self._has_room.notify()
+            if self._taker_waits:  # a notify costs a lock probe even with nobody waiting
+                self._has_room.notify()
             blocked, self._pull_blocked = self._pull_blocked, False
             if not self._in_flight and not self._taking:
                 self._tell_emitter()  # it may be waiting for the last permit to end the stage
@@ -718,11 +725,23 @@ class CoroutineStage(Runtime):
         # a batch that arrives once the run stopped starts nothing (no call after a cancel).
         if self.scope.cancelled[0] or self._closed:
             return
-        backlog = self._backlog
-        backlog.extend(zip(range(number, number + len(items)), items))
+        self._backlog.extend(zip(range(number, number + len(items)), items))
         self._running += len(items)
         self.peak = max(self._running, self.peak or 0)
-        # Every item waiting needs a worker coming: an idle one woken, or a new one.
+        if not self._assigning:
+            # Workers are assigned once the callbacks ready now have run: among them, workers
+            # whose calls end and that take the new items themselves, with no wake-up.
+            self._assigning = True
+            loop = self.aio.loop
+            assert loop is not None  # we are running on it
+            loop.call_soon(self._assign)
+
+    def _assign(self) -> None:
+        """On the loop: every item still waiting gets a worker coming, an idle one or a new one."""
+        self._assigning = False
+        backlog = self._backlog
+        if not backlog or self._closed or self.scope.cancelled[0]:
+            return
         need = len(backlog) - self._waking
         idle = self._idle
         while need > 0 and idle:
@@ -741,72 +760,83 @@ class CoroutineStage(Runtime):
                 task.add_done_callback(self._workers.discard)
 
     async def _work(self) -> None:
-        """A worker task: make calls, one at a time, while items wait; then wait to be woken."""
+        """A worker task: make calls, one at a time, while items wait; then wait to be woken.
+
+        It never raises but CancelledError, so a worker's task never ends with an exception to
+        retrieve, and a cancelled task has nothing to retrieve. Failures go to the run as values,
+        KeyboardInterrupt included, so nothing escapes into the loop.
+        """
         backlog = self._backlog
         loop = asyncio.get_running_loop()
+        cancelled = self.scope.cancelled
+        fn = self.spec.fn
+        plain_map = self._plain_map
+        plain = self.spec.options.plain
+        counters = self.counters[0]
+        put = self._put_now
+        out = cast("LoopChannel", self.out)
         while True:
             self._waking -= 1  # made or woken for an item: it is here now
             while backlog:  # its item, and any other left waiting when its call ends
                 number, item = backlog.popleft()
-                await self._call(number, item)
+                # The stage may have been cut off since the item was taken (a take() downstream
+                # has all it needs). No call starts after a cancel.
+                if cancelled[0]:
+                    self._running -= 1
+                    return
+                started = perf_counter()
+                throttled = 0.0
+                try:
+                    if plain_map:  # the common case: no frame between the loop and the function
+                        outputs = [await fn(item)]
+                    elif plain:
+                        outputs = await self._timed(item, number)
+                    else:
+                        outputs, throttled = await self._attempts(item, number)
+                except asyncio.CancelledError as exc:
+                    self._running -= 1
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # the run is stopping: end as cancelled
+                    # The function raised CancelledError without being cancelled (an inner task
+                    # of its own was): a failure like any other, never a silent drop.
+                    self._failed(exc, item)
+                    del exc, item
+                    continue
+                except BaseException as exc:
+                    self._running -= 1
+                    self._failed(exc, item)
+                    del exc, item
+                    continue
                 del item
-            if self._closed or self.scope.cancelled[0]:
+                self._running -= 1
+                counters.items_in += 1
+                counters.items_out += len(outputs)
+                counters.busy_seconds += perf_counter() - started - throttled
+                if put is not None:
+                    # Unordered into a buffer on the loop: the worker puts the outputs in
+                    # itself, waiting for room if it must, as the pattern's worker does.
+                    try:
+                        if outputs and not put(outputs):
+                            await out.put_async(outputs)
+                    except Cancelled:  # the buffer was aborted: the stage is stopping
+                        return
+                    del outputs
+                    # The permit goes back, which may take in more items: this worker, about
+                    # to look at the backlog, counts as one coming for them.
+                    self._waking += 1
+                    self._give_back(1)
+                    self._waking -= 1
+                else:
+                    with self._lock:
+                        self._results.append((number, outputs, None))
+                        self._tell_emitter()
+                    del outputs
+            if self._closed or cancelled[0]:
                 return
             waiter = loop.create_future()
             self._idle.append(waiter)
             await waiter
-
-    async def _call(self, number: int, item: Any) -> None:
-        # This body never raises but CancelledError, so a worker's task never ends with an
-        # exception to retrieve, and a cancelled task has nothing to retrieve. Failures go to the
-        # run as values, KeyboardInterrupt included, so nothing escapes into the loop.
-        started = perf_counter()
-        throttled = [0.0]  # this call's waits for the rate limit: not busy time
-        try:
-            # A worker starts on the loop's next turn: the stage may have been cut off since the
-            # item was taken (a take() downstream has all it needs). No call starts after a cancel.
-            if self.scope.cancelled[0]:
-                return
-            try:
-                if self._plain_map:  # the common case, one coroutine frame fewer
-                    outputs = [await self.spec.fn(item)]
-                elif self.spec.options.plain:
-                    outputs = await self._timed(item, number)
-                else:
-                    outputs = await self._attempts(item, number, throttled)
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # the run is stopping: end as cancelled
-                # The function raised CancelledError without being cancelled (an inner task of
-                # its own was): a failure like any other, never a silent drop.
-                self._failed(exc, item)
-                return
-            except BaseException as exc:
-                self._failed(exc, item)
-                return
-            counters = self.counters[0]
-            counters.items_in += 1
-            counters.items_out += len(outputs)
-            counters.busy_seconds += perf_counter() - started - throttled[0]
-            # Unordered into a buffer on the loop with room: put them in now, and skip the
-            # emitter (a turn of the loop later). Otherwise the emitter waits for room.
-            if self._put_now is not None:
-                try:
-                    done = not outputs or self._put_now(outputs)
-                except Cancelled:  # the buffer was aborted: the stage is stopping
-                    return
-                if done:
-                    self._give_back(1)
-                    return
-            with self._lock:
-                self._results.append((number, outputs, None))
-                self._tell_emitter()
-        finally:
-            self._running -= 1
-            # A failed call's traceback reaches this frame (the user's coroutine links to it): it
-            # must not hold the stage, which holds the run.
-            del self
 
     def _failed(self, exc: BaseException, item: Any) -> None:
         self.counters[0].errors += 1
@@ -883,10 +913,10 @@ class CoroutineStage(Runtime):
             return await self.spec.fn(item)
         return await self.spec.fn(item, await self._resource_value())
 
-    async def _attempts(self, item: Any, number: int, throttled: list[float]) -> list[Any]:
+    async def _attempts(self, item: Any, number: int) -> tuple[list[Any], float]:
         """The outputs of one item with the stage's rate limit, retries and error policy: the
-        call core's async driver (``_calls.attempts_async``). A ``flat_map`` call that handed
-        outputs on is not retried."""
+        call core's async driver (``_calls.attempts_async``), and the seconds it waited for the
+        rate limit (not busy time). A ``flat_map`` call that handed outputs on is not retried."""
         options = self.spec.options
         handed = [False]
         ok, value, waited = await attempts_async(
@@ -896,9 +926,8 @@ class CoroutineStage(Runtime):
             self.counters[0],
             lambda: not handed[0],
         )
-        throttled[0] += waited
         if ok:
-            return value  # type: ignore[no-any-return]
+            return value, waited
         result = handle(
             value,
             item,
@@ -909,9 +938,9 @@ class CoroutineStage(Runtime):
             fallback=lambda item: None,  # a skipped item gives no outputs, whatever the kind
         )
         if options.on_error == "skip":
-            return []
+            return [], waited
         # The policy's replacement stands for what the call would have returned.
-        return outputs_of(self.spec.kind, item, result)
+        return outputs_of(self.spec.kind, item, result), waited
 
     async def _timed(self, item: Any, number: int, handed: list[bool] | None = None) -> list[Any]:
         """The outputs of one call, within the stage's timeout."""
@@ -1229,19 +1258,20 @@ class AsyncFeeder:
     async def _pull(self) -> bool:
         """Pull the source; hand each item to the feeder thread, or put it into the first buffer
         when that is on the loop. Returns whether it put the whole source (the loop-side end)."""
-        aiterator = self.aiterator
         loop = asyncio.get_running_loop()
         direct = cast("LoopChannel", self.out) if self._direct else None
         try:
-            if not hasattr(type(aiterator), "__anext__"):
+            if not hasattr(type(self.aiterator), "__anext__"):
                 # A container's items (``Source.launch``): nothing to await but room, a buffer's
                 # worth at a time, as the feeder thread of a container takes them.
                 assert direct is not None
                 size = max(1, direct.maxsize)
-                while items := list(islice(cast("Iterator[Any]", aiterator), size)):
-                    await direct.put_async(items)
-                    del items
+                items = cast("Iterator[Any]", self.aiterator)
+                while chunk := list(islice(items, size)):
+                    await direct.put_async(chunk)
+                    del chunk
                 return True
+            aiterator = cast("AsyncIterator[Any]", self.aiterator)
             while True:
                 try:
                     item = await anext(aiterator)
@@ -1269,7 +1299,7 @@ class AsyncFeeder:
             # Like the feeder of a plain source: a source the run stopped early is closed, here on
             # the loop that iterates it, so its ``finally`` blocks run.
             if self.scope.cancelled[0]:
-                aclose = getattr(aiterator, "aclose", None)
+                aclose = getattr(self.aiterator, "aclose", None)
                 if aclose is not None:
                     try:
                         await aclose()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,17 +54,21 @@ class LoopChannel(Channel):
         # Weakly: the run's state holds its channels, and the loop holds the run's state. A run
         # that failed must be freed by reference counting alone; with no loop, nobody is waiting.
         self._aio = weakref.ref(aio)
-        # Loop thread only: the writers waiting for room, a future each.
-        self._room: list[asyncio.Future[None]] = []
+        # Loop thread only: the writers waiting for room, a future each, and how many of them
+        # were woken and have not looked for room yet (the room is kept for them).
+        self._room: deque[asyncio.Future[None]] = deque()
+        self._woken = 0
         # Under ``mutex``: a writer waits for room (a reader in a thread reads this to know it
         # must have the loop wake it).
         self._writer_waits = False
+        # Under ``mutex``: the idle readers are to be woken at the end of this turn of the loop.
+        self._readers_called = False
 
     def __repr__(self) -> str:
         aborted = " aborted" if self.aborted else ""
         return f"<{type(self).__name__} {self.name!r} {self.qsize()}/{self.maxsize}{aborted}>"
 
-    put_many = try_put = Channel._refuse  # type: ignore[assignment]
+    put_many = try_put = Channel._refuse
 
     async def put_async(self, items: list[Any]) -> None:
         """On the loop: append all of ``items`` in order, suspending the calling task for room.
@@ -93,10 +98,10 @@ class LoopChannel(Channel):
                         room = min(room, n - done)
                         q.extend(items[done : done + room])
                     done += room
-                    # As ``Channel.put_many``: wake idle readers, or tell a stage that can grow
-                    # that items pile up with nobody idle to take them.
+                    # As ``Channel.put_many``: wake idle readers (once a turn of the loop), or
+                    # tell a stage that can grow that items pile up with nobody idle to take them.
                     if self.idle_getters:
-                        self.not_empty.notify(room)
+                        self._wake_readers()
                     elif len(q) > room:
                         starved = True
             if waiter is not None:
@@ -105,6 +110,8 @@ class LoopChannel(Channel):
                 finally:
                     if not waiter.done():  # the writer was cancelled while it waited
                         self._room.remove(waiter)
+                    elif not waiter.cancelled():
+                        self._woken -= 1  # woken for room: here it is
                 continue
             if starved:
                 self._starved()
@@ -122,11 +129,11 @@ class LoopChannel(Channel):
                 raise Cancelled
             q = self.queue
             if self._room or len(q) + n > self.maxsize:
-                return False  # no room, or writers wait already: they go first
+                return False  # no room, or writers wait for it already: they go first
             q.extend(items)
             starved = False
             if self.idle_getters:
-                self.not_empty.notify(n)
+                self._wake_readers()
             elif len(q) > n:
                 starved = True
         if starved:
@@ -156,14 +163,38 @@ class LoopChannel(Channel):
         if aio is not None:
             aio.call_if_running(self._wake_writers)
 
-    def _wake_writers(self) -> None:
-        """On the loop: let every waiting writer look for room again."""
+    def _wake_readers(self) -> None:
+        """Under ``mutex``, on the loop: wake the idle reader threads, once this turn of the loop
+        is over. Every put of the turn adds to what they find, and a reader woken per item would
+        take the interpreter lock from the loop once per item."""
+        if not self._readers_called:
+            self._readers_called = True
+            asyncio.get_running_loop().call_soon(self._call_readers)
+
+    def _call_readers(self) -> None:
         with self.mutex:
-            self._writer_waits = False
-        waiters, self._room = self._room, []
-        for waiter in waiters:
+            self._readers_called = False
+            if self.idle_getters:
+                self.not_empty.notify(len(self.queue))
+
+    def _wake_writers(self) -> None:
+        """On the loop: let as many waiting writers look for room again as there is room (all of
+        them once aborted), first come first; the others wait on."""
+        with self.mutex:
+            if self.aborted:
+                free = len(self._room)
+            else:  # less the room writers woken already will take
+                free = self.maxsize - len(self.queue) - self._woken
+        waiters = self._room
+        woken = 0
+        while waiters and woken < free:
+            waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                woken += 1
+        self._woken += woken
+        with self.mutex:
+            self._writer_waits = bool(waiters)
 
     def _told(self) -> None:
         """Items were put (on the loop): a reader on the loop hears of it here."""
@@ -181,7 +212,7 @@ class LoopLink(LoopChannel):
         # stage's window); ``raise_limit`` calls it again.
         self._held_back = False
 
-    get_many = Channel._refuse  # type: ignore[assignment]
+    get_many = Channel._refuse
 
     def take(self, max_items: int) -> tuple[list[Any], int] | None:
         """On the loop: take up to ``max_items`` items that are there, without waiting.
@@ -217,10 +248,9 @@ class LoopLink(LoopChannel):
             items = [popleft() for _ in range(n)]
             number = self.taken
             self.taken = number + n
-            # Like ``Channel.get_many``, a waiting writer is woken once the buffer is down to half,
-            # so it puts many items per wake-up.
-            wake = len(q) <= self.maxsize >> 1
-        if wake and self._room:
+        # Writers waiting are woken for the room made, now: on the loop, a wake-up is a callback,
+        # not a thread switch, so there is nothing to batch.
+        if self._room:
             self._wake_writers()
         return items, number
 
