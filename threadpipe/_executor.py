@@ -91,9 +91,7 @@ def check_executor(executor: object) -> Executor | str | None:
         return executor
     if isinstance(executor, str) and executor == PROCESSES:
         return executor
-    # Here, not at the top: ``import threadpipe`` should not pay for concurrent.futures (it
-    # imports logging), which only stages on an executor need.
-    from concurrent.futures import Executor
+    from concurrent.futures import Executor  # here: it imports logging; only executors need it
 
     if isinstance(executor, Executor):
         return executor
@@ -328,8 +326,7 @@ class ExecutorStage(Runtime):
         A function that the executor would have to pickle and cannot fails the run here, before
         any item is taken, with a note saying why.
         """
-        # Here, not at the top: ``import threadpipe`` should not pay for what only stages on an
-        # executor need.
+        # Here, not at the top: only stages on an executor need these (see check_executor).
         import pickle
         from concurrent.futures import Executor
 
