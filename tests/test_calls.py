@@ -168,3 +168,55 @@ def test_a_context_manager_resource_is_entered_and_exited() -> None:
 def test_call_options_are_checked_at_build(kwargs, exc, word) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(exc, match=word):
         Pipeline.from_iter([1]).map(lambda x: x, **kwargs)
+
+
+def test_item_errors_and_call_options_behave_as_frozen_value_objects() -> None:
+    import copy
+    import dataclasses
+    import pickle
+
+    from threadpipe._calls import CallOptions, ItemError
+
+    exc = ValueError("bad")
+    error = ItemError("work", 3, exc)
+    assert repr(error) == "ItemError(stage='work', item=3, exception=ValueError('bad'))"
+    assert error == ItemError(stage="work", item=3, exception=exc) != ItemError("work", 4, exc)
+    assert hash(error) == hash(ItemError("work", 3, exc))
+    assert error != ("work", 3, exc) and ItemError.__match_args__ == ("stage", "item", "exception")
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(ItemError("work", [3], exc))
+    options = CallOptions("skip", 2, 0.5, (KeyError,), 3.0, None)
+    assert repr(CallOptions()) == (
+        "CallOptions(on_error='raise', retries=0, retry_delay=0.1, retry_on=(<class 'Exception'>,), "
+        "rate=None, resource=None)"
+    )
+    assert options == CallOptions(on_error="skip", retries=2, retry_delay=0.5, retry_on=(KeyError,), rate=3.0)
+    assert hash(options) == hash(copy.copy(options)) and options != CallOptions()
+    assert CallOptions().plain and not options.plain
+    for obj, name in ((error, "item"), (options, "rate"), (options, "unknown")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, 0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            delattr(obj, name)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(options, protocol)) == options
+        back = pickle.loads(pickle.dumps(error, protocol))
+        assert (type(back), back.stage, back.item, type(back.exception)) == (ItemError, "work", 3, ValueError)
+
+
+def test_an_item_error_pickles_to_another_process() -> None:
+    import base64
+    import pickle
+    import subprocess
+    import sys
+
+    from threadpipe._calls import ItemError
+
+    sent = base64.b64encode(pickle.dumps(ItemError("work", (1, "a"), KeyError("k")))).decode()
+    code = (
+        "import base64, pickle; "
+        f"e = pickle.loads(base64.b64decode({sent!r})); "
+        "print(type(e).__name__, e.stage, e.item, repr(e.exception))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "ItemError work (1, 'a') KeyError('k')\n"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
 
@@ -49,8 +48,30 @@ SKIPPED: Final = _Skipped()
 """What a wrapped call returns for an item dropped by ``on_error="skip"``; never reaches a user."""
 
 
-@dataclass(frozen=True, slots=True)
-class ItemError:
+# ItemError and CallOptions are written out rather than made with ``@dataclass(frozen=True,
+# slots=True)``: importing ``dataclasses`` (it imports ``inspect``) and generating the classes is a
+# good part of the cost of ``import threadpipe``. They behave as those dataclasses did: the same
+# constructor, repr, equality, hash, immutability (``dataclasses.FrozenInstanceError``) and
+# pickling; only ``dataclasses.fields()`` and ``replace()`` no longer apply to them.
+
+
+class _Frozen:
+    """Refuses assignment and deletion of attributes, as a frozen dataclass does."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        from dataclasses import FrozenInstanceError  # here: only a misuse pays for the import
+
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        from dataclasses import FrozenInstanceError  # here: only a misuse pays for the import
+
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
+class ItemError(_Frozen):
     """A failure that an error policy handled: the run went on without the item.
 
     Attributes:
@@ -59,13 +80,40 @@ class ItemError:
         exception: the exception the last attempt raised, as itself.
     """
 
+    __slots__ = ("stage", "item", "exception")
+    __match_args__ = ("stage", "item", "exception")
+
     stage: str
     item: Any
     exception: BaseException
 
+    def __init__(self, stage: str, item: Any, exception: BaseException) -> None:
+        object.__setattr__(self, "stage", stage)
+        object.__setattr__(self, "item", item)
+        object.__setattr__(self, "exception", exception)
 
-@dataclass(frozen=True, slots=True)
-class CallOptions:
+    def _fields(self) -> tuple[str, Any, BaseException]:
+        return (self.stage, self.item, self.exception)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__qualname__}(stage={self.stage!r}, item={self.item!r}, "
+            f"exception={self.exception!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ItemError) and other.__class__ is self.__class__:
+            return self._fields() == other._fields()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __reduce__(self) -> tuple[type[ItemError], tuple[str, Any, BaseException]]:
+        return (type(self), self._fields())
+
+
+class CallOptions(_Frozen):
     """How a stage calls its function, as built.
 
     Attributes:
@@ -77,12 +125,60 @@ class CallOptions:
         resource: a callable making one resource per worker, passed to ``fn(item, resource)``.
     """
 
-    on_error: str | Callable[[BaseException, Any], Any] = "raise"
-    retries: int = 0
-    retry_delay: float = 0.1
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
-    rate: float | None = None
-    resource: Callable[[], Any] | None = None
+    __slots__ = ("on_error", "retries", "retry_delay", "retry_on", "rate", "resource")
+    __match_args__ = ("on_error", "retries", "retry_delay", "retry_on", "rate", "resource")
+
+    on_error: str | Callable[[BaseException, Any], Any]
+    retries: int
+    retry_delay: float
+    retry_on: tuple[type[BaseException], ...]
+    rate: float | None
+    resource: Callable[[], Any] | None
+
+    def __init__(
+        self,
+        on_error: str | Callable[[BaseException, Any], Any] = "raise",
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        rate: float | None = None,
+        resource: Callable[[], Any] | None = None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "on_error", on_error)
+        set_(self, "retries", retries)
+        set_(self, "retry_delay", retry_delay)
+        set_(self, "retry_on", retry_on)
+        set_(self, "rate", rate)
+        set_(self, "resource", resource)
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.on_error,
+            self.retries,
+            self.retry_delay,
+            self.retry_on,
+            self.rate,
+            self.resource,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__qualname__}(on_error={self.on_error!r}, retries={self.retries!r}, "
+            f"retry_delay={self.retry_delay!r}, retry_on={self.retry_on!r}, "
+            f"rate={self.rate!r}, resource={self.resource!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CallOptions) and other.__class__ is self.__class__:
+            return self._fields() == other._fields()
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __reduce__(self) -> tuple[type[CallOptions], tuple[Any, ...]]:
+        return (type(self), self._fields())
 
     @property
     def plain(self) -> bool:

@@ -29,15 +29,10 @@ returns without waiting for calls already running elsewhere; their results are d
 from __future__ import annotations
 
 import importlib
-import pickle
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-
-# Not ProcessPoolExecutor: importing it imports multiprocessing (~15 ms), which a script that
-# never asks for processes should not pay on ``import threadpipe``; see _process_pool_class().
-from concurrent.futures import CancelledError, Executor, Future
 from functools import partial
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final
@@ -48,7 +43,7 @@ from ._scope import Cancelled, Scope
 from ._stage import FLAT_MAP, Runtime, StageSpec, _Counters, outputs_of
 
 if TYPE_CHECKING:
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import Executor, Future, ProcessPoolExecutor
     from multiprocessing.context import BaseContext
 
     from ._run import RunState
@@ -70,10 +65,14 @@ PROCESSES: Final = "processes"
 
 _NO_ITEM: Final = object()
 
-# Error types that pickle raises for an object it cannot serialise: PicklingError for a function it
-# cannot find by name, TypeError ("cannot pickle '_thread.lock' object"), AttributeError ("Can't
-# pickle local object").
-_PICKLE_ERRORS: Final = (pickle.PicklingError, TypeError, AttributeError)
+
+def _pickle_errors() -> tuple[type[Exception], ...]:
+    """The error types that pickle raises for an object it cannot serialise: PicklingError for a
+    function it cannot find by name, TypeError ("cannot pickle '_thread.lock' object"),
+    AttributeError ("Can't pickle local object")."""
+    import pickle  # here, not at the top: only stages on an executor pickle
+
+    return (pickle.PicklingError, TypeError, AttributeError)
 
 
 def check_executor(executor: object) -> Executor | str | None:
@@ -88,9 +87,13 @@ def check_executor(executor: object) -> Executor | str | None:
     Raises:
         TypeError: ``executor`` is none of those.
     """
-    if executor is None or isinstance(executor, Executor):
+    if executor is None:
         return executor
     if isinstance(executor, str) and executor == PROCESSES:
+        return executor
+    from concurrent.futures import Executor  # here: it imports logging; only executors need it
+
+    if isinstance(executor, Executor):
         return executor
     if isinstance(executor, type) and issubclass(executor, Executor):
         raise TypeError(
@@ -233,6 +236,8 @@ def permits(spec: StageSpec) -> int:
 def _pickler_for(executor: Executor) -> Callable[[Any], bytes] | None:
     """The serialiser ``executor`` sends functions with, when it is known; else None."""
     if _is_process_pool(executor):
+        import pickle  # here, not at the top: only stages on an executor pickle
+
         return pickle.dumps
     if type(executor).__module__.startswith("distributed."):
         # Dask serialises with pickle, falling back to cloudpickle (which it depends on), so
@@ -321,6 +326,10 @@ class ExecutorStage(Runtime):
         A function that the executor would have to pickle and cannot fails the run here, before
         any item is taken, with a note saying why.
         """
+        # Here, not at the top: only stages on an executor need these (see check_executor).
+        import pickle
+        from concurrent.futures import Executor
+
         spec = self.spec
         executor = spec.executor
         assert executor is not None
@@ -501,7 +510,7 @@ class ExecutorStage(Runtime):
         """Add a note to a submit's error when the item could not be serialised for the executor."""
         executor = self.executor
         assert executor is not None
-        if not isinstance(exc, _PICKLE_ERRORS) or _pickler_for(executor) is None:
+        if not isinstance(exc, _pickle_errors()) or _pickler_for(executor) is None:
             return
         self._note_unpicklable_item(exc, item)
 
@@ -510,7 +519,7 @@ class ExecutorStage(Runtime):
         # name pickle's reason, which is the one that says what to fix. (A process pool's cause is
         # the text of the traceback in its feeder thread instead: the error itself says it.)
         cause = exc.__cause__
-        if not isinstance(cause, _PICKLE_ERRORS):
+        if not isinstance(cause, _pickle_errors()):
             cause = exc
         exc.add_note(
             f"threadpipe: stage {self.spec.name!r} sends its items to other processes, and item "
@@ -592,6 +601,8 @@ class ExecutorStage(Runtime):
                             raise Cancelled
                         # Cancelled by someone else (the executor was shut down, a cluster
                         # cancelled it): a missing result is a failure, never a silent gap.
+                        from concurrent.futures import CancelledError  # here: see check_executor
+
                         raise CancelledError(
                             f"the executor cancelled the call for item {describe(item)}"
                         )
@@ -625,7 +636,7 @@ class ExecutorStage(Runtime):
         executor = self.executor
         if (
             _is_process_pool(executor)
-            and isinstance(error, _PICKLE_ERRORS)
+            and isinstance(error, _pickle_errors())
             and not _picklable(item)
         ):
             # A process pool pickles items in its own thread and reports a failure on the future.
@@ -634,6 +645,8 @@ class ExecutorStage(Runtime):
 
 
 def _picklable(item: Any) -> bool:
+    import pickle  # here, not at the top: only stages on an executor pickle
+
     try:
         pickle.dumps(item)
     except Exception:

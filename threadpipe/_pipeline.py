@@ -13,7 +13,6 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from concurrent.futures import Executor
 from functools import partial
 from itertools import islice
 from typing import (
@@ -43,6 +42,8 @@ from ._trace import check_trace
 from ._wiring import runtime_of, wire
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
     from ._aio import AsyncSource
 
 __all__ = ["DEFAULT_BUFFER", "Pipeline"]
