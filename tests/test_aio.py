@@ -127,6 +127,17 @@ def test_coroutine_functions_are_recognised_through_partials_and_call(fn: Any) -
     assert Pipeline.from_iter(range(5)).map(fn, workers=3).to_list() == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="inspect.markcoroutinefunction is 3.12+")
+def test_a_function_marked_as_a_coroutine_function_makes_a_coroutine_stage() -> None:
+    import inspect
+
+    def fetch(x: int) -> Any:  # returns an awaitable, and says so
+        return double(x)
+
+    marked = inspect.markcoroutinefunction(fetch)  # type: ignore[attr-defined,unused-ignore]
+    assert Pipeline.from_iter([1, 2]).map(marked).to_list() == [2, 4]
+
+
 def test_a_bound_async_method_makes_a_coroutine_stage() -> None:
     assert Pipeline.from_iter([1]).map(Service().method).to_list() == [3]
 

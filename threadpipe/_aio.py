@@ -1,34 +1,39 @@
 """The coroutine adapter: coroutine stages, async sources and ``async for``, one event loop a run.
 
-A stage whose function is a coroutine function runs its calls as tasks on an event loop, so that
+A stage whose function is a coroutine function runs its calls on an event loop, so that
 ``workers=200`` means 200 coroutines in flight, not 200 threads. The pieces:
 
 * :class:`LoopThread`: the run's event loop, in the run's thread ``threadpipe-loop-0``. It starts
   only for a run with a coroutine stage or an async source, is shared by all of them, and is stopped
   and closed when the run ends, is cancelled or fails. Stopping it cancels every task still pending
   (the coroutines see ``CancelledError``) and waits for them before the loop closes.
-* :class:`CoroutineStage`: a coroutine stage of a run. Two threads of its own, whatever its
-  ``workers``: the *taker* (``threadpipe-<stage>-0``) takes items from the input buffer and has the
-  loop start one task per item, never holding more than ``workers`` items; the *emitter*
-  (``threadpipe-<stage>-1``) puts the finished outputs into the next buffer, in order through the
-  reorder buffer when the stage is ordered, and only then gives the items' permits back.
-* :class:`AsyncFeeder`: a task on the loop pulls the async source, a thread puts its items.
+* :class:`CoroutineStage`: a coroutine stage of a run. Its calls run in worker tasks, one call at a
+  time each, reused from item to item, never more than ``workers`` items taken. Its two sides run
+  where their buffers let them:
+
+  - output: the buffer after a coroutine stage is written on the loop (a ``LoopChannel``, see
+    ``_loopchannel``), so an unordered worker puts its outputs in itself, and waits for room as an
+    ``await``; an ordered stage's *emitter task* puts them in input order. Only into a relief
+    valve, whose put is a thread's, does the *emitter thread* (``threadpipe-<stage>-1``) put them.
+  - input: from a buffer a coroutine stage or an async source writes (a ``LoopLink``), the
+    *puller* takes items on the loop as they arrive, with no thread; from a buffer threads write,
+    the *taker thread* (``threadpipe-<stage>-0``) takes them and hands them to the loop in batches.
+
+  So a chain of coroutine stages runs on the loop thread alone, and items cross to a thread only
+  where a thread stage, an operator or the caller is.
+* :class:`AsyncFeeder`: a task on the loop pulls the async source (or a container in memory) and
+  puts its items into the first buffer.
 * :class:`AsyncOutput`: ``async for`` over a run, from the caller's own event loop.
 
-Why threads around the loop, and not a loop that reads and writes the buffers itself: the buffers
-are blocking queues. A loop that waited for room in a full buffer would freeze every coroutine of
-every stage of the run, and a loop cannot wait for an item without either blocking or polling. So
-only threads ever block on a buffer, and the loop only runs coroutines. The handoffs are thread-safe
-by construction: threads reach the loop only through ``call_soon_threadsafe`` (coroutine objects are
-made on the loop, never in a thread, so none is ever left un-awaited), and the loop reaches threads
-only through short critical sections on ``threading`` conditions, never a wait. No thread touches an
-asyncio object of a loop it does not run.
+The loop never blocks on a buffer: a thread blocks, a task awaits. Threads reach the loop only
+through ``call_soon_threadsafe`` (coroutine objects are made on the loop, never in a thread, so none
+is ever left un-awaited), and the loop reaches threads only through short critical sections on
+``threading`` locks and conditions, never a wait. No thread touches an asyncio object of a loop it
+does not run.
 
-Two threads per stage, not one: the taker sleeps in the input buffer while it waits for items, and
-the buffer cannot also wake it for a finished call; a single thread would leave results sitting
-(possibly for good) whenever the input runs dry. Backpressure reaches the coroutines through the
-permits: when the next buffer is full the emitter waits, holds its permits, and the taker starts no
-new call until room frees up; calls already running finish and wait, at most ``workers`` of them.
+Backpressure reaches the coroutines through the permits: an item holds one until its outputs are
+in the next buffer, and no call starts without one. When the next buffer is full, the calls already
+running finish and wait, at most ``workers`` of them, and the stage starts no new call.
 """
 
 from __future__ import annotations
@@ -285,17 +290,18 @@ def _finish(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class CoroutineStage(Runtime):
-    """One coroutine stage of a run: the taker and emitter threads, and the tasks on the run's loop.
+    """One coroutine stage of a run: its worker tasks on the run's loop, and its two sides (a
+    thread or a part on the loop each, see the module's docstring).
 
-    It has the interface of :class:`~threadpipe._stage.Stage` that a run and its statistics use:
-    ``spec``, ``inp``, ``out``, ``spawned``, ``counters`` and ``start()``. It is also a member of
-    its scope: cancelling the scope calls :meth:`abort`, which cancels its coroutines.
+    It has the protocol of :class:`~threadpipe._stage.Runtime`. Its crew counts the two sides,
+    thread or not (the last one out ends the stage). It is also a member of its scope: cancelling
+    the scope calls :meth:`abort`, which cancels its coroutines.
 
     Args:
         spec: what to run; ``spec.fn`` is a coroutine function (or, for flat_map, an async
             generator function).
-        inp: the channel the taker reads.
-        out: the channel the emitter writes.
+        inp: the channel the stage reads (a ``LoopLink``: on the loop).
+        out: the channel the outputs go to (a ``LoopChannel``: written on the loop).
         run: the run's shared state (error, thread accounting).
         scope: the stage's segment scope.
         aio: the run's loop.

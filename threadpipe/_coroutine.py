@@ -8,10 +8,11 @@ more to import than the rest of threadpipe together: ``_aio`` is imported only b
 from __future__ import annotations
 
 import functools
-import inspect
 import math
+import sys
 from collections.abc import Callable
-from typing import Any
+from types import BuiltinFunctionType, CodeType, FunctionType, MethodType
+from typing import Any, Final
 
 from ._errors import describe
 
@@ -24,6 +25,13 @@ ASYNC_GEN = "async_gen"
 """``coroutine_kind`` of an async generator function (``async def`` with ``yield``)."""
 
 
+# The code flags of ``async def`` (``inspect.CO_COROUTINE``) and of an async generator function
+# (``inspect.CO_ASYNC_GENERATOR``): read here without importing ``inspect``, which costs more than
+# the rest of ``import threadpipe``.
+_CO_COROUTINE: Final = 0x0080
+_CO_ASYNC_GENERATOR: Final = 0x0200
+
+
 def _target(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The callable that really runs: ``fn`` with its ``functools.partial`` layers removed."""
     while isinstance(fn, functools.partial):
@@ -31,17 +39,34 @@ def _target(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _is(test: Callable[[Any], bool], fn: Callable[..., Any]) -> bool:
-    # ``inspect`` already sees through bound methods, partials of functions and (3.12+)
-    # ``markcoroutinefunction``; the unwrapped target and an instance's ``__call__`` cover the rest.
-    if test(fn):
+def _has_flag(fn: object, flag: int) -> bool:
+    """Whether ``fn``, through bound methods and partials, is a function whose code has ``flag``
+    (as ``inspect``'s tests decide it, for functions and function-like objects with a
+    ``__code__``)."""
+    while True:
+        if isinstance(fn, MethodType):
+            fn = fn.__func__
+        elif isinstance(fn, functools.partial):
+            fn = fn.func
+        else:
+            break
+    code = getattr(fn, "__code__", None)
+    return isinstance(code, CodeType) and bool(code.co_flags & flag)
+
+
+def _is(flag: int, fn: Callable[..., Any]) -> bool:
+    # The function itself, through bound methods and partials; else an instance's ``__call__``.
+    if _has_flag(fn, flag):
         return True
+    if flag == _CO_COROUTINE and "inspect" in sys.modules:
+        # Marked with ``inspect.markcoroutinefunction`` (3.12+): only possible once the caller
+        # imported ``inspect``, whose own test then decides.
+        if sys.modules["inspect"].iscoroutinefunction(fn):
+            return True
     target = _target(fn)
-    if test(target):
-        return True
-    if inspect.isroutine(target) or isinstance(target, type):
+    if isinstance(target, type | FunctionType | MethodType | BuiltinFunctionType):
         return False
-    return test(getattr(type(target), "__call__", None))  # noqa: B004  # not a callable() test
+    return _has_flag(getattr(type(target), "__call__", None), flag)  # noqa: B004  # not callable()
 
 
 def coroutine_kind(kind: str, fn: Callable[..., Any]) -> str | None:
@@ -62,9 +87,9 @@ def coroutine_kind(kind: str, fn: Callable[..., Any]) -> str | None:
     Raises:
         TypeError: ``fn`` is an async generator function and ``kind`` is not ``flat_map``.
     """
-    if _is(inspect.iscoroutinefunction, fn):
+    if _is(_CO_COROUTINE, fn):
         return COROUTINE
-    if _is(inspect.isasyncgenfunction, fn):
+    if _is(_CO_ASYNC_GENERATOR, fn):
         if kind != "flat_map":
             raise TypeError(
                 f"{kind}(fn): fn {describe(fn)} is an async generator function, which yields "
