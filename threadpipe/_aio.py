@@ -360,13 +360,12 @@ class CoroutineStage(Runtime):
         # main cost of a call at high concurrency). Items taken and not yet started wait in
         # ``_backlog``; a worker whose call ends takes the next one there. Idle workers wait on a
         # future each in ``_idle``; ``_waking`` counts the workers made or woken that have not
-        # taken an item yet. ``_assign``, due whenever items were added, wakes or makes workers
-        # until there are as many coming as items waiting, so each item has one. The loop keeps
-        # only weak references to tasks: ``_workers`` keeps them alive.
+        # taken an item yet. ``_launch`` wakes or makes workers until there are as many coming
+        # as items waiting, so each item has one. The loop keeps only weak references to tasks:
+        # ``_workers`` keeps them alive.
         self._backlog: deque[tuple[int, Any]] = deque()
         self._idle: list[asyncio.Future[None]] = []
         self._waking = 0
-        self._assigning = False  # an ``_assign`` is due
         self._workers: set[asyncio.Task[None]] = set()
         self._running = 0  # calls started and not ended
         self._plain_map = spec.kind == MAP and spec.timeout is None and spec.options.plain
@@ -734,21 +733,10 @@ class CoroutineStage(Runtime):
         self._backlog.extend(zip(range(number, number + len(items)), items))
         self._running += len(items)
         self.peak = max(self._running, self.peak or 0)
-        if not self._assigning:
-            # Workers are assigned once the callbacks ready now have run: among them, workers
-            # whose calls end and that take the new items themselves, with no wake-up.
-            self._assigning = True
-            loop = self.aio.loop
-            assert loop is not None  # we are running on it
-            loop.call_soon(self._assign)
-
-    def _assign(self) -> None:
-        """On the loop: every item still waiting gets a worker coming, an idle one or a new one."""
-        self._assigning = False
-        backlog = self._backlog
-        if not backlog or self._closed or self.scope.cancelled[0]:
-            return
-        need = len(backlog) - self._waking
+        # Every item waiting gets a worker coming, now: an idle one woken, or a new one. (A worker
+        # whose call ends takes the next item itself, without a wake-up; one that calls this,
+        # giving its permit back, counts among those coming.)
+        need = len(self._backlog) - self._waking
         idle = self._idle
         while need > 0 and idle:
             waiter = idle.pop()
