@@ -482,6 +482,8 @@ class Stage(Runtime):
             self.call_seconds = (
                 per_call if estimate is None else estimate + _EWMA * (per_call - estimate)
             )
+            if outputs is not items:
+                items.clear()  # the caller's list: the inputs are not held while outputs go on
             del items
             if outputs:
                 out = self.out
@@ -566,6 +568,7 @@ class Stage(Runtime):
                 got = get_many(size, None, crew.alive)
                 assert got is not None  # no timeout given
                 items, number = got
+                del got  # the batch is held by ``items`` only: let go with it (see the carry below)
                 taken = len(items)
                 if not taken:
                     return True
@@ -632,11 +635,16 @@ class Stage(Runtime):
                     if carry is None:
                         out.put_many(outputs)
                     else:
+                        # The inputs are let go first: when the outputs are carried, what this
+                        # thread holds counts where they go (and its place here may be given up).
+                        items = outputs
                         carried = carry(outputs, tabs, crew.go_away if index else None)
                         if not carried:
                             out.put_many(outputs)
                         elif carried == 2:
+                            del items, outputs  # nothing held while it waits for its place back
                             crew.come_back(spec.workers)
+                            items = outputs = []
                 del items, outputs  # hand the references on; a slow consumer keeps no extra copy
                 if index and settled and per_call < _GROW_SECONDS:
                     # Calls this cheap gain nothing from a second thread, which only contends for
