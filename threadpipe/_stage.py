@@ -632,6 +632,11 @@ class Stage(Runtime):
                         reorder.complete(number, taken, outputs)
                 elif outputs:
                     carry = out.carry if carries else None
+                    if carry is not None and crew.full(spec.workers) and inp.qsize():
+                        # Its place here is wanted at once (the stage is at its limit and items
+                        # wait): leaving it to another thread would idle it for that thread's
+                        # wake-up, on the stage that is the bottleneck. Hand the outputs on.
+                        carry = None
                     if carry is None:
                         out.put_many(outputs)
                     else:

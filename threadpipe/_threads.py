@@ -289,6 +289,11 @@ class Crew:
         """The places under ``limit`` taken: own threads not away, and borrowed ones."""
         return self.alive - self.away + self.borrowed
 
+    def full(self, limit: int) -> bool:
+        """Whether every place under ``limit`` is taken (or waited for)."""
+        with self._lock:
+            return self.busy + self._returning >= limit
+
     def borrow(self, limit: int) -> bool:
         """Count a thread of another crew in as one of this crew's, for one batch of calls.
 
