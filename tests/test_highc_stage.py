@@ -167,3 +167,58 @@ def test_a_run_with_carried_batches_holds_no_more_than_buffer_bound(
     pipeline = pipeline.backpressure(2)
     problem = check_bound(pipeline, tracker)
     assert problem is None, problem
+
+
+class _Run:
+    def thread_started(self) -> None:
+        pass
+
+    def thread_exited(self) -> None:
+        pass
+
+
+class _Scope:
+    def __init__(self) -> None:
+        self.cancelled = [False]
+
+
+def test_a_crew_counts_borrowed_and_away_places_and_a_thread_back_waits_for_one() -> None:
+    from threadpipe._threads import Crew
+
+    crew = Crew("t", _Run(), _Scope(), None)  # type: ignore[arg-type]
+    assert crew._reserve(2, 2) == 0  # two threads of its own: full
+    assert crew.full(2) and not crew.borrow(2)
+    crew.go_away()  # one of them runs the next stage's calls: its place is free
+    assert not crew.full(2) and crew.borrow(2)  # and a thread of the stage before takes it
+    assert crew.busy == 2 and crew.most == 2
+    back = threading.Event()
+
+    def come_back() -> None:
+        crew.come_back(2)
+        back.set()
+
+    thread = threading.Thread(target=come_back)
+    thread.start()
+    assert not back.wait(0.05)  # no place: it waits (nothing is decided by the wait's length)
+    crew.give_back()  # the borrowed place is given back: the waiting thread takes it
+    assert back.wait(10)
+    thread.join(10)
+    assert (crew.busy, crew.away, crew.borrowed, crew.most) == (2, 0, 0, 2)
+
+
+def test_a_thread_waiting_for_its_place_back_goes_on_when_the_stage_is_cancelled() -> None:
+    from threadpipe._threads import Crew
+
+    scope = _Scope()
+    crew = Crew("t", _Run(), scope, None)  # type: ignore[arg-type]
+    assert crew._reserve(1, 1) == 0
+    crew.go_away()
+    assert crew.borrow(1)
+    back = threading.Event()
+    thread = threading.Thread(target=lambda: (crew.come_back(1), back.set()))
+    thread.start()
+    assert not back.wait(0.05)
+    scope.cancelled[0] = True
+    crew._exit(False)  # a thread leaving wakes it; the cancel lets it go on
+    assert back.wait(10)
+    thread.join(10)

@@ -341,6 +341,8 @@ class Crew:
                 finally:
                     self._returning -= 1
             self.away -= 1
+            if self.busy > self.most:
+                self.most = self.busy
 
     def _launch(self, index: int, target: Callable[..., bool], args: tuple[Any, ...]) -> None:
         name = f"{PREFIX}{self.name}-{index}"
