@@ -60,6 +60,10 @@ class Channel(queue.Queue[Any]):
         self.idle_getters = 0
         self.idle_putters = 0
         self.on_starved: Callable[[], None] | None = None
+        # Set by a reading stage that can run a batch in the putter's own thread instead (see
+        # ``Stage.carry``): ``carry(items, tabs, release)`` returns 0, having done nothing, when it
+        # cannot; the putter then puts the items here as usual.
+        self.carry: Callable[[list[Any], dict[Any, Any], Any], int] | None = None
         # For an ordered stage: items may be taken only while ``taken < limit``; the reorder buffer
         # raises the limit as items leave it (see ``raise_limit``). None means no limit.
         self.limit: int | None = None
@@ -110,6 +114,20 @@ class Channel(queue.Queue[Any]):
         if self.window_waiters:
             with self.mutex:
                 self.window_open.notify_all()
+
+    def pass_by(self, n: int) -> bool:
+        """Count ``n`` items as put and taken at once, if nothing waits to be taken before them.
+
+        For a batch that its putter's thread runs through the reading stage itself (a carry):
+        the items never sit in the buffer, but are numbered and counted as taken like any other,
+        so the statistics' items in flight stay right. Refused (False) when items or the end are
+        waiting, the channel was aborted, or it numbers items for an ordered stage.
+        """
+        with self.mutex:
+            if self.queue or self.aborted or self.limit is not None:
+                return False
+            self.taken += n
+        return True
 
     def put_end(self) -> None:
         """Append the end-of-input sentinel.

@@ -12,6 +12,15 @@ calls are measured that cheap (under ``_GROW_SECONDS``), every worker but the fi
 threads would only contend for the interpreter lock and split the batches. The stage grows again
 if the calls slow down.
 
+A worker that finished a batch may carry it on itself (:meth:`Stage.carry`): when the next stage is
+an unordered thread stage (map, filter, each; plain calls) with a worker's place free and nothing
+waiting in its input, the worker runs that stage's calls on its outputs in its own thread, counted
+as one of that stage's workers for the batch, and hands the results on the same way. That saves
+the hand-off, a wake-up of another thread, which is what wide stages (hundreds of workers, every
+thread waiting for the interpreter lock) spend most of their time on. A worker away like that
+leaves its place at home to another thread when its batch fits the place it takes (see
+``Crew.go_away``), and waits for a place when it comes back.
+
 The end of input is the sentinel at the head of the input channel; every worker sees it, and the
 last one to exit sends it on, so stages close in a cascade.
 """
@@ -79,6 +88,10 @@ _GROW_SECONDS: Final = 0.00002
 _EWMA: Final = 0.3
 
 _NO_ITEM: Final = object()
+
+# The kinds a worker of the stage before may run in its own thread (``Stage.carry``): one output
+# at most per input, so a carried batch holds no more than the items it came as.
+_CARRIED: Final = frozenset({MAP, FILTER, EACH})
 
 # What an item that ``on_error="skip"`` drops becomes, for each kind: dropped from the outputs.
 _FALLBACK: Final[dict[str, Callable[[Any], Any]]] = {
@@ -165,6 +178,65 @@ def count_through(spec: StageSpec, inputs: int | None) -> int | None:
         limit: int = spec.arg
         return min(inputs, limit)
     return None
+
+
+def _call_all(
+    kind: str,
+    fn: Callable[[Any], Any],
+    items: list[Any],
+    stop: list[bool],
+    skipping: bool,
+    stage: str,
+) -> list[Any]:
+    """The outputs of a ``map``, ``filter`` or ``each`` batch: ``fn`` called on each item in turn.
+
+    The one call loop of a thread stage, for its own workers and for a worker of the stage before
+    that carries a batch in (``Stage.carry``). One loop per kind, so the per-item path has no
+    branch on the kind. Each reads the stop flag before every call: after a cancel the function
+    is never called again. ``skipping``: ``fn`` returns ``SKIPPED`` for an item an error policy
+    dropped.
+
+    Raises:
+        Cancelled: the stage's scope was cancelled.
+        BaseException: what a call raised, as itself, labelled with its stage and item.
+    """
+    item: Any = _NO_ITEM
+    try:
+        if kind is MAP:
+            outputs = []
+            for item in items:
+                if stop[0]:
+                    raise Cancelled
+                outputs.append(fn(item))
+            if skipping:
+                outputs = [output for output in outputs if output is not SKIPPED]
+            return outputs
+        if kind is FILTER:
+            outputs = []
+            for item in items:
+                if stop[0]:
+                    raise Cancelled
+                if fn(item):
+                    outputs.append(item)
+            return outputs
+        if not skipping:  # each
+            for item in items:
+                if stop[0]:
+                    raise Cancelled
+                fn(item)
+            return items
+        outputs = []
+        for item in items:
+            if stop[0]:
+                raise Cancelled
+            if fn(item) is not SKIPPED:
+                outputs.append(item)
+        return outputs
+    except Cancelled:
+        raise
+    except BaseException as exc:
+        label(exc, stage, item, has_item=item is not _NO_ITEM)
+        raise
 
 
 def _batch_size(call_seconds: float, limit: int) -> int:
@@ -284,7 +356,7 @@ class Stage(Runtime):
     def __init__(
         self, spec: StageSpec, inp: Channel, out: Channel, run: RunState, scope: Scope
     ) -> None:
-        super().__init__(spec, inp, out, run, scope)
+        super().__init__(spec, inp, out, run, scope, self._unhook)
         if spec.reorders:
             self.reorder = Reorder(inp, out, self.window(spec))
             scope.add(self.reorder)
@@ -300,6 +372,15 @@ class Stage(Runtime):
         if spec.workers > 1:
             # Set before any thread of the run starts, so no put can miss it.
             inp.on_starved = self._grow
+            if (
+                spec.kind in _CARRIED
+                and not spec.ordered
+                and spec.timeout is None
+                and spec.options.plain
+                and not spec.relief
+                and run.trace is None
+            ):
+                inp.carry = self.carry
 
     @staticmethod
     def window(spec: StageSpec) -> int:
@@ -344,12 +425,114 @@ class Stage(Runtime):
         for the interpreter lock and stretch every call.
         """
         crew = self.crew
-        if crew.alive >= self.spec.workers or crew.ended:  # unlocked fast path; rechecked below
+        if crew.busy >= self.spec.workers or crew.ended:  # unlocked fast path; rechecked below
             return
         estimate = self.call_seconds
         if estimate is not None and estimate < _GROW_SECONDS and crew.alive:
             return
         crew.start(self._work, limit=self.spec.workers)
+
+    def _unhook(self) -> None:
+        """The last worker out: no thread of the stage before carries a batch in any more."""
+        self.inp.carry = None
+
+    def carry(
+        self, items: list[Any], tabs: dict[Any, _Counters], release: Callable[[], None] | None
+    ) -> int:
+        """Run the stage's calls on ``items`` in the calling thread, and hand the outputs on.
+
+        The caller is a worker of the stage before, holding the outputs it would otherwise put into
+        this stage's input buffer, for one of this stage's workers to wake up and take. It runs
+        them itself instead, as one of this stage's workers for the one batch: only while the
+        stage has a worker's place free (it counts against ``workers``, see ``Crew.borrow``) and
+        nothing waits in the input buffer (that would go first). The outputs go on the same way:
+        carried into the next stage, or put into the output buffer. A thread that carries the item
+        on saves a hand-off: a wake-up of another thread, and that thread's wait for the
+        interpreter lock.
+
+        Memory: the carried items count in the place they take here, and are counted where they
+        came from until ``release`` is called: it is called (and the caller's place there given
+        up, for another thread to take) only when the batch is no bigger than what a place here
+        holds at the least, a share of the buffer among all ``workers``
+        (``ceil(capacity / workers)``); so what the stages hold stays within what ``held``
+        declares for each. Otherwise the caller keeps its place where it came from, as this stage
+        keeps the place until the outputs are handed on, like its own workers.
+
+        Args:
+            items: the batch, as the caller would have put it.
+            tabs: the caller's counters for the stages it carries into, one per stage, written by
+                the caller only.
+            release: gives up the caller's place where the items come from (see above); None
+                to keep it.
+
+        Returns:
+            0 when it did nothing (the caller puts the items into the input buffer), else 1, or 2
+            if it called ``release``.
+
+        Raises:
+            Cancelled: the run was cancelled, or a call raised (the run has failed with it).
+        """
+        spec = self.spec
+        crew = self.crew
+        if crew.busy >= spec.workers:  # unlocked fast path; rechecked in borrow
+            return 0
+        if not crew.borrow(spec.workers):
+            return 0
+        taken = len(items)
+        # Whether the place here was given up early, when the outputs were carried on (a list:
+        # set by the callback the next stage calls).
+        released: list[bool] = []
+        try:
+            inp = self.inp
+            if not inp.pass_by(taken):
+                return 0
+            carried = 1
+            if release is not None and taken <= -(-inp.maxsize // spec.workers):
+                release()
+                carried = 2
+            counters = tabs.get(self)
+            if counters is None:
+                # Its CPU time is the carried calls', taken out of the carrying worker's.
+                counters = tabs[self] = _Counters(cpu_seconds=0.0)
+                with self._lock:
+                    self.counters.append(counters)
+            cpu = thread_time()
+            started = perf_counter()
+            try:
+                outputs = _call_all(spec.kind, spec.fn, items, self.scope.cancelled, False, spec.name)
+            except Cancelled:
+                raise
+            except BaseException as exc:
+                counters.errors += 1
+                self.run.fail(exc, self.scope, spec.name, None, has_item=False)  # labelled
+                raise Cancelled from None
+            elapsed = perf_counter() - started
+            counters.cpu_seconds = (counters.cpu_seconds or 0.0) + thread_time() - cpu
+            counters.items_in += taken
+            counters.items_out += len(outputs)
+            counters.busy_seconds += elapsed
+            estimate = self.call_seconds
+            per_call = elapsed / taken
+            self.call_seconds = (
+                per_call if estimate is None else estimate + _EWMA * (per_call - estimate)
+            )
+            if outputs is not items:
+                items.clear()  # the caller's list: the inputs are not held while outputs go on
+            del items
+            if outputs:
+                out = self.out
+                carry = out.carry
+
+                def give_back() -> None:
+                    released.append(True)
+                    crew.give_back()
+
+                if carry is None or not carry(outputs, tabs, give_back):
+                    out.put_many(outputs)
+            return carried
+        finally:
+            if not released:
+                crew.give_back()
 
     def _work(self, index: int) -> bool:
         """Worker ``index``'s life: returns whether it saw the end of input."""
@@ -407,55 +590,30 @@ class Stage(Runtime):
         limit = spec.capacity
         estimate = self.call_seconds
         size = 1 if estimate is None else _batch_size(estimate, limit)
-        item: Any = _NO_ITEM
         failure: BaseException | None = None
+        # Outputs may be carried into the next stage (``carry``) unless a reorder buffer or a
+        # flat_map's chunking hands them on; ``tabs`` are this worker's counters there.
+        carries = reorder is None and kind is not FLAT_MAP
+        tabs: dict[Any, _Counters] = {}
         try:
             while True:
                 # Shared among the workers running now: a lone worker takes whole batches.
                 got = get_many(size, None, crew.alive)
                 assert got is not None  # no timeout given
                 items, number = got
+                del got  # the batch is held by ``items`` only: let go with it (see the carry below)
                 taken = len(items)
                 if not taken:
                     return True
                 started = perf_counter()
                 throttled = counters.throttled_seconds
-                # One loop per kind, so the per-item path has no branch on the kind. Each checks
-                # the stop flag before every call: after a cancel the function is never called again.
                 outputs: list[Any]
                 at_head = True
-                if kind is MAP:
-                    outputs = []
-                    for item in items:
-                        if stop[0]:
-                            raise Cancelled
-                        outputs.append(fn(item))
-                    if skipping:
-                        outputs = [output for output in outputs if output is not SKIPPED]
-                elif kind is FILTER:
-                    outputs = []
-                    for item in items:
-                        if stop[0]:
-                            raise Cancelled
-                        if fn(item):
-                            outputs.append(item)
-                elif kind is EACH and not skipping:
-                    for item in items:
-                        if stop[0]:
-                            raise Cancelled
-                        fn(item)
-                    outputs = items
-                elif kind is EACH:
-                    outputs = []
-                    for item in items:
-                        if stop[0]:
-                            raise Cancelled
-                        if fn(item) is not SKIPPED:
-                            outputs.append(item)
-                else:
+                if kind is FLAT_MAP:
                     outputs, at_head = self._flat_map(fn, items, number, counters)
+                else:
+                    outputs = _call_all(kind, fn, items, stop, skipping, spec.name)
                 elapsed = perf_counter() - started
-                item = _NO_ITEM
                 counters.items_in += taken
                 counters.items_out += len(outputs)
                 # Waiting for the rate limit is not work: a rate-limited stage is not "busy".
@@ -477,7 +635,25 @@ class Stage(Runtime):
                     else:
                         reorder.complete(number, taken, outputs)
                 elif outputs:
-                    out.put_many(outputs)
+                    carry = out.carry if carries else None
+                    if carry is not None and crew.full(spec.workers) and inp.qsize():
+                        # Its place here is wanted at once (the stage is at its limit and items
+                        # wait): leaving it to another thread would idle it for that thread's
+                        # wake-up, on the stage that is the bottleneck. Hand the outputs on.
+                        carry = None
+                    if carry is None:
+                        out.put_many(outputs)
+                    else:
+                        # The inputs are let go first: when the outputs are carried, what this
+                        # thread holds counts where they go (and its place here may be given up).
+                        items = outputs
+                        carried = carry(outputs, tabs, crew.go_away if index else None)
+                        if not carried:
+                            out.put_many(outputs)
+                        elif carried == 2:
+                            del items, outputs  # nothing held while it waits for its place back
+                            crew.come_back(spec.workers)
+                            items = outputs = []
                 del items, outputs  # hand the references on; a slow consumer keeps no extra copy
                 if index and settled and per_call < _GROW_SECONDS:
                     # Calls this cheap gain nothing from a second thread, which only contends for
@@ -490,11 +666,13 @@ class Stage(Runtime):
         except BaseException as exc:
             counters.errors += 1
             failure = exc
-            self.run.fail(exc, scope, spec.name, item, has_item=item is not _NO_ITEM)
+            # A call's exception names its item already (``_call_all``, ``_flat_map``).
+            self.run.fail(exc, scope, spec.name, None, has_item=False)
             return False
         finally:
             # Once per thread, not per batch: tells CPU-bound stages from waiting ones after a run.
-            counters.cpu_seconds = thread_time() - cpu_started
+            elsewhere = sum(tab.cpu_seconds or 0.0 for tab in tabs.values())
+            counters.cpu_seconds = thread_time() - cpu_started - elsewhere
             if timed is not None:
                 timed.close()
             if release is not None:

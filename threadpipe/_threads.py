@@ -181,7 +181,11 @@ class Crew:
     __slots__ = (
         "_lock",
         "_on_last",
+        "_place",
+        "_returning",
         "alive",
+        "away",
+        "borrowed",
         "ended",
         "most",
         "name",
@@ -208,10 +212,20 @@ class Crew:
         self.out = out
         self._on_last = on_last
         # ``_lock`` guards the counts: ``alive`` and ``ended`` change together, so the last
-        # thread out is known exactly and the end goes on once. ``most`` is the peak of ``alive``.
+        # thread out is known exactly and the end goes on once. ``borrowed`` counts the threads
+        # of the stage before that run one of this stage's calls (see ``borrow``): they count
+        # against ``limit`` like its own; ``away`` counts its own threads that run the next
+        # stage's calls, which do not. ``busy`` (``alive - away + borrowed``) is what is held to
+        # ``limit``, and ``most`` is its peak. A thread back from away while another took its
+        # place waits on ``_place``, still counted away, until a place frees; ``_returning``
+        # counts the waiting ones, and the places they wait for are not given to anyone else.
         self._lock = threading.Lock()
+        self._place = threading.Condition(self._lock)
+        self._returning = 0
         self.spawned = 0
         self.alive = 0
+        self.away = 0
+        self.borrowed = 0
         self.most = 0
         self.ended = False
 
@@ -276,16 +290,76 @@ class Crew:
         with self._lock:
             if self.ended or self.scope.cancelled[0]:
                 return None
-            if limit is not None and self.alive + count > limit:
+            if limit is not None and self.busy + self._returning + count > limit:
                 return None
             index = self.spawned
             self.spawned += count
             self.alive += count + pieces
-            if self.alive > self.most:
-                self.most = self.alive
+            if self.busy > self.most:
+                self.most = self.busy
         for _ in range(count):
             self.run.thread_started()
         return index
+
+    @property
+    def busy(self) -> int:
+        """The places under ``limit`` taken: own threads not away, and borrowed ones."""
+        return self.alive - self.away + self.borrowed
+
+    def full(self, limit: int) -> bool:
+        """Whether every place under ``limit`` is taken (or waited for)."""
+        with self._lock:
+            return self.busy + self._returning >= limit
+
+    def borrow(self, limit: int) -> bool:
+        """Count a thread of another crew in as one of this crew's, for one batch of calls.
+
+        The thread stays its own crew's (it is counted in the run there, and that crew's end
+        waits for it); here it takes a place under ``limit`` while it runs this stage's calls.
+        Refused once the stage ended, was cancelled or is full.
+        """
+        with self._lock:
+            if self.ended or self.scope.cancelled[0] or self.busy + self._returning >= limit:
+                return False
+            self.borrowed += 1
+            if self.busy > self.most:
+                self.most = self.busy
+        return True
+
+    def go_away(self) -> None:
+        """Count one of this crew's threads away (borrowed by the next stage's crew) until it
+        calls :meth:`come_back`, so that the stage may start another thread in its place, or let
+        one waiting in :meth:`come_back` go on."""
+        with self._lock:
+            self.away += 1
+            if self._returning:
+                self._place.notify()
+
+    def give_back(self) -> None:
+        """End a :meth:`borrow`."""
+        with self._lock:
+            self.borrowed -= 1
+            if self._returning:
+                self._place.notify()
+
+    def come_back(self, limit: int) -> None:
+        """A thread of this crew counted away by :meth:`go_away` is back.
+
+        If another thread took its place meanwhile (the crew is over ``limit`` with it), it waits
+        until a place frees: a thread goes away, leaves, or gives a borrowed place back (each
+        notifies), or the stage ends or is cancelled (its threads leave). It does not leave
+        itself: the next thread to go away finds it there instead of starting one.
+        """
+        with self._lock:
+            while self.busy >= limit and not self.ended and not self.scope.cancelled[0]:
+                self._returning += 1
+                try:
+                    self._place.wait()
+                finally:
+                    self._returning -= 1
+            self.away -= 1
+            if self.busy > self.most:
+                self.most = self.busy
 
     def _launch(self, index: int, target: Callable[..., bool], args: tuple[Any, ...]) -> None:
         name = f"{PREFIX}{self.name}-{index}"
@@ -326,6 +400,8 @@ class Crew:
             if saw_end:
                 self.ended = True
             ended = self.ended
+            if self._returning:
+                self._place.notify_all()
         try:
             if last:
                 on_last, self._on_last = self._on_last, None  # it may hold the stage: no cycle
