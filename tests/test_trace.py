@@ -95,7 +95,8 @@ def test_a_failing_call_is_recorded(tmp_path: Path) -> None:
 
 
 def test_untraced_workers_call_the_function_directly() -> None:
-    # Tracing off costs nothing because nothing is wrapped: the caller of fn is the worker loop.
+    # Tracing off costs nothing because nothing is wrapped: the caller of fn is the stage's call
+    # loop (``_call_all``), which calls the user's function as it is.
     callers: list[str] = []
 
     def who(x: int) -> int:
@@ -105,7 +106,7 @@ def test_untraced_workers_call_the_function_directly() -> None:
     Pipeline.from_iter([1]).map(who).run()
     with Pipeline.from_iter([1]).map(who).start(trace=True) as run:
         list(run)
-    assert callers == ["_work", "traced"]
+    assert callers == ["_call_all", "traced"]
 
 
 def test_a_run_without_trace_refuses_to_save_one(tmp_path: Path) -> None:

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from time import perf_counter, thread_time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from ._calls import PLAIN, SKIPPED, CallOptions, RateLimiter, open_resource, wrap, wrap_iter
 from ._channel import Channel
@@ -101,9 +100,11 @@ _FALLBACK: Final[dict[str, Callable[[Any], Any]]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class StageSpec:
+class StageSpec(NamedTuple):
     """What a stage is, as built: never changes, shared by every run of the pipeline.
+
+    A named tuple, not a dataclass: immutable all the same, and ``dataclasses`` (which imports
+    ``inspect``) would be a good part of the cost of ``import threadpipe``.
 
     Attributes:
         kind: one of ``map``, ``filter``, ``flat_map``, ``each``.
@@ -247,17 +248,27 @@ def _batch_size(call_seconds: float, limit: int) -> int:
     return 1 if size < 1 else limit if size > limit else size
 
 
-@dataclass(slots=True)
 class _Counters:
     """One worker's running counts; only that worker writes them, readers sum over workers."""
 
-    items_in: int = 0
-    items_out: int = 0
-    busy_seconds: float = 0.0  # in the function, not counting waits for the rate limit
-    throttled_seconds: float = 0.0  # waiting for the stage's rate limit (``rate=``)
-    errors: int = 0
-    cpu_seconds: float | None = None  # the worker thread's CPU time, set as it exits
-    abandoned: int = 0  # calls given up on after their timeout (see ``_timeout.py``)
+    __slots__ = (
+        "abandoned",
+        "busy_seconds",
+        "cpu_seconds",
+        "errors",
+        "items_in",
+        "items_out",
+        "throttled_seconds",
+    )
+
+    def __init__(self, cpu_seconds: float | None = None) -> None:
+        self.items_in = 0
+        self.items_out = 0
+        self.busy_seconds = 0.0  # in the function, not counting waits for the rate limit
+        self.throttled_seconds = 0.0  # waiting for the stage's rate limit (``rate=``)
+        self.errors = 0
+        self.cpu_seconds = cpu_seconds  # the worker thread's CPU time, set as it exits
+        self.abandoned = 0  # calls given up on after their timeout (see ``_timeout.py``)
 
 
 class Runtime:
