@@ -61,8 +61,6 @@ class LoopChannel(Channel):
         # Under ``mutex``: a writer waits for room (a reader in a thread reads this to know it
         # must have the loop wake it).
         self._writer_waits = False
-        # Under ``mutex``: the idle readers are to be woken at the end of this turn of the loop.
-        self._readers_called = False
 
     def __repr__(self) -> str:
         aborted = " aborted" if self.aborted else ""
@@ -98,10 +96,10 @@ class LoopChannel(Channel):
                         room = min(room, n - done)
                         q.extend(items[done : done + room])
                     done += room
-                    # As ``Channel.put_many``: wake idle readers (once a turn of the loop), or
-                    # tell a stage that can grow that items pile up with nobody idle to take them.
+                    # As ``Channel.put_many``: wake idle readers, or tell a stage that can grow
+                    # that items pile up with nobody idle to take them.
                     if self.idle_getters:
-                        self._wake_readers()
+                        self.not_empty.notify(room)
                     elif len(q) > room:
                         starved = True
             if waiter is not None:
@@ -133,7 +131,7 @@ class LoopChannel(Channel):
             q.extend(items)
             starved = False
             if self.idle_getters:
-                self._wake_readers()
+                self.not_empty.notify(n)
             elif len(q) > n:
                 starved = True
         if starved:
@@ -162,20 +160,6 @@ class LoopChannel(Channel):
         aio = self._aio()
         if aio is not None:
             aio.call_if_running(self._wake_writers)
-
-    def _wake_readers(self) -> None:
-        """Under ``mutex``, on the loop: wake the idle reader threads, once this turn of the loop
-        is over. Every put of the turn adds to what they find, and a reader woken per item would
-        take the interpreter lock from the loop once per item."""
-        if not self._readers_called:
-            self._readers_called = True
-            asyncio.get_running_loop().call_soon(self._call_readers)
-
-    def _call_readers(self) -> None:
-        with self.mutex:
-            self._readers_called = False
-            if self.idle_getters:
-                self.not_empty.notify(len(self.queue))
 
     def _wake_writers(self) -> None:
         """On the loop: let as many waiting writers look for room again as there is room (all of
