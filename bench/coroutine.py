@@ -355,6 +355,18 @@ def cell_text(cell: Cell | None, lb: float, ideal: float) -> str:
     )
 
 
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Print ``rows`` under ``header`` in columns: the first left-aligned, the others right."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+
+
 def main(argv: list[str]) -> int:
     """Runs the sweep and prints the table (or, with ``--child``, one run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -422,14 +434,7 @@ def main(argv: list[str]) -> int:
         for lib in libs
     ]
     header = ["", *(f"c={c}" for c in cs)]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print(
-            "  ".join(
-                cell.ljust(w) if i == 0 else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
+    print_table(header, rows)
     return 0
 
 
@@ -465,14 +470,7 @@ def main_reps(args: argparse.Namespace) -> int:
     rows += [
         [lib, *(reps_text(results.get((lib, c)), ideal_fifo(table, c)) for c in cs)] for lib in libs
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print(
-            "  ".join(
-                cell.ljust(w) if i == 0 else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-        )
+    print_table(header, rows)
     return 0
 
 

@@ -160,6 +160,25 @@ class Channel(queue.Queue[Any]):
             self._starved()
         return True
 
+    def _append(self, items: list[Any], done: int, room: int) -> int:
+        """Under ``mutex``: append what fits of ``items[done:]`` into ``room`` free places; return
+        how many."""
+        q = self.queue
+        if room >= len(items) - done:
+            q.extend(items[done:] if done else items)
+            return len(items) - done
+        q.extend(items[done : done + room])
+        return room
+
+    def _pile_up(self, added: int) -> bool:
+        """Under ``mutex``, after ``added`` items went in: wake that many idle getters, or return
+        whether items pile up with nobody idle to take them (the reader may need to grow)."""
+        # Condition.notify costs a lock probe even with nobody waiting: count instead.
+        if self.idle_getters:
+            self.not_empty.notify(added)
+            return False
+        return len(self.queue) > added  # some were waiting before these
+
     def put_many(self, items: list[Any], timeout: float | None = None) -> int:
         """Append all of ``items`` in order, waiting for room as needed.
 
@@ -193,18 +212,9 @@ class Channel(queue.Queue[Any]):
                         if not woke and timeout is not None:
                             return done
                         continue
-                    if room >= n - done:
-                        q.extend(items[done:] if done else items)
-                        room = n - done
-                    else:
-                        q.extend(items[done : done + room])
-                    done += room
-                    # Condition.notify costs a lock probe even with nobody waiting: count instead.
-                    if self.idle_getters:
-                        self.not_empty.notify(room)
-                    elif len(q) > room:
-                        # Items pile up (some were waiting before these) and nobody is idle.
-                        starved = True
+                    added = self._append(items, done, room)
+                    done += added
+                    starved = self._pile_up(added) or starved
         finally:
             # Outside the lock: growing a stage starts a thread, which must not hold up others.
             if starved:

@@ -88,20 +88,12 @@ class LoopChannel(Channel):
                     self._room.append(waiter)
                     self._writer_waits = True
                 else:
-                    waiter = None
-                    if done == 0 and room >= n:
-                        q.extend(items)
-                        room = n
-                    else:
-                        room = min(room, n - done)
-                        q.extend(items[done : done + room])
-                    done += room
                     # As ``Channel.put_many``: wake idle readers, or tell a stage that can grow
                     # that items pile up with nobody idle to take them.
-                    if self.idle_getters:
-                        self.not_empty.notify(room)
-                    elif len(q) > room:
-                        starved = True
+                    waiter = None
+                    added = self._append(items, done, room)
+                    done += added
+                    starved = self._pile_up(added)
             if waiter is not None:
                 try:
                     await waiter
@@ -125,15 +117,9 @@ class LoopChannel(Channel):
         with self.mutex:
             if self.aborted:
                 raise Cancelled
-            q = self.queue
-            if self._room or len(q) + n > self.maxsize:
+            if self._room or len(self.queue) + n > self.maxsize:
                 return False  # no room, or writers wait for it already: they go first
-            q.extend(items)
-            starved = False
-            if self.idle_getters:
-                self.not_empty.notify(n)
-            elif len(q) > n:
-                starved = True
+            starved = self._pile_up(self._append(items, 0, n))
         if starved:
             self._starved()
         self._told()
