@@ -383,15 +383,16 @@ class Stage(Runtime):
         if spec.workers > 1:
             # Set before any thread of the run starts, so no put can miss it.
             inp.on_starved = self._grow
-            if (
-                spec.kind in _CARRIED
-                and not spec.ordered
-                and spec.timeout is None
-                and spec.options.plain
-                and not spec.relief
-                and run.trace is None
-            ):
-                inp.carry = self.carry
+        # Whether the stage before may carry batches in (``carry``); hooked by ``start``.
+        self._carried_into = (
+            spec.workers > 1
+            and spec.kind in _CARRIED
+            and not spec.ordered
+            and spec.timeout is None
+            and spec.options.plain
+            and not spec.relief
+            and run.trace is None
+        )
 
     @staticmethod
     def window(spec: StageSpec) -> int:
@@ -425,8 +426,15 @@ class Stage(Runtime):
         return spec.workers * next_capacity + (next_capacity if spec.reorders else 0)
 
     def start(self) -> None:
-        """Start the first worker; the input channel asks for more when items find nobody idle."""
+        """Start the first worker; the input channel asks for more when items find nobody idle.
+
+        Only then may the stage before carry batches in: worker 0, which never leaves, must hold
+        its place before any place is borrowed, or carried batches could take every place and
+        leave the stage without a thread to see the end of input.
+        """
         self._grow()
+        if self._carried_into and self.crew.spawned:
+            self.inp.carry = self.carry
 
     def _grow(self) -> None:
         """Start one more worker if the stage has room for one and input is not over.
