@@ -51,12 +51,16 @@ def _yield(item: Any) -> Any:
 
 def test_a_finished_item_is_carried_into_the_next_stage_by_its_thread() -> None:
     first, second = InFlight(), InFlight()
+    # The first call ends once the run has started every stage: a stage is carried into only
+    # once its first worker runs.
+    started = threading.Event()
     pipeline = (
         Pipeline.from_iter([1])
-        .map(first.wrap(lambda x: x + 1), workers=2, ordered=False, name="a")
+        .map(first.wrap(lambda x: started.wait(10) and x + 1), workers=2, ordered=False, name="a")
         .map(second.wrap(lambda x: x * 10), workers=2, ordered=False, name="b")
     )
     with pipeline.start() as run:
+        started.set()
         assert list(run) == [20]
         run.join()
     # The second stage had a place free (its first worker idle) and nothing queued: the thread
