@@ -364,7 +364,11 @@ class CoroutineStage(Runtime):
         # as items waiting, so each item has one. The loop keeps only weak references to tasks:
         # ``_workers`` keeps them alive.
         self._backlog: deque[tuple[int, Any]] = deque()
-        self._idle: list[asyncio.Future[None]] = []
+        self._idle: list[asyncio.Future[bool]] = []
+        # Loop thread only: every item of the input is in the backlog or done (the end came).
+        # Idle workers are dismissed then, and busy ones end once the backlog is empty: they end
+        # as the stage does, not cancelled when the loop stops.
+        self._input_over = False
         self._waking = 0
         self._workers: set[asyncio.Task[None]] = set()
         self._running = 0  # calls started and not ended
@@ -496,6 +500,8 @@ class CoroutineStage(Runtime):
                 self._has_news.notify_all()  # the emitter may be waiting for exactly this
             if self._loop_out:
                 self.aio.call_soon(self._wake_emitter)
+            if saw_end:  # after the last ``_launch`` on the loop: its items have their workers
+                self.aio.call_soon(self._dismiss)
 
     # ------------------------------------------------------------------ the emitter thread
 
@@ -598,6 +604,7 @@ class CoroutineStage(Runtime):
                 items, number = got
                 if not items:
                     self._stop_pulling(True)
+                    self._dismiss()
                     return
                 with self._lock:
                     self._in_flight += len(items)
@@ -741,7 +748,7 @@ class CoroutineStage(Runtime):
         while need > 0 and idle:
             waiter = idle.pop()
             if not waiter.done():  # else its worker was cancelled
-                waiter.set_result(None)
+                waiter.set_result(True)
                 self._waking += 1
                 need -= 1
         if need > 0:
@@ -769,6 +776,10 @@ class CoroutineStage(Runtime):
         counters = self.counters[0]
         put = self._put_now
         out = cast("LoopChannel", self.out)
+        # A worker of an unordered stage that reads on the loop takes its next item from the
+        # input buffer itself when it is done with one: the permit passes from the item handed on
+        # to the next, with no puller and no wake-up in between (see ``_pass_permit``).
+        passing = self._loop_in and put is not None
         while True:
             self._waking -= 1  # made or woken for an item: it is here now
             while backlog:  # its item, and any other left waiting when its call ends
@@ -816,6 +827,8 @@ class CoroutineStage(Runtime):
                     except Cancelled:  # the buffer was aborted: the stage is stopping
                         return
                     del outputs
+                    if passing and not backlog and self._pass_permit():
+                        continue
                     # The permit goes back, which may take in more items: this worker, about
                     # to look at the backlog, counts as one coming for them.
                     self._waking += 1
@@ -826,11 +839,41 @@ class CoroutineStage(Runtime):
                         self._results.append((number, outputs, None))
                         self._tell_emitter()
                     del outputs
-            if self._closed or cancelled[0]:
+            if self._closed or cancelled[0] or self._input_over:
                 return
             waiter = loop.create_future()
             self._idle.append(waiter)
-            await waiter
+            if not await waiter:
+                return  # dismissed: no item will come any more (see ``_dismiss``)
+
+    def _dismiss(self) -> None:
+        """On the loop, once the input is over: let the idle workers end (the workers still busy
+        end when they find the backlog empty)."""
+        self._input_over = True
+        idle, self._idle = self._idle, []
+        for waiter in idle:
+            if not waiter.done():
+                waiter.set_result(False)
+
+    def _pass_permit(self) -> bool:
+        """On the loop, by a worker whose item's outputs are out: take the next item waiting in
+        the input buffer (a ``LoopLink``) into the backlog, under the same permit; return whether
+        one was taken. When none is (the buffer is empty, holds only the end, or the stage stops)
+        the permit goes back as usual (``_give_back``), which lets the puller see the end."""
+        if not self._pulling or self._closed:  # plain reads: a stop that races is seen below
+            return False
+        try:
+            got = self.inp.take(1)  # type: ignore[attr-defined]
+        except Cancelled:
+            return False
+        if not got:
+            return False
+        items, number = got
+        if not items:
+            return False  # the end: the puller takes it once the permit is back
+        self._backlog.append((number, items[0]))
+        self._running += 1
+        return True
 
     def _failed(self, exc: BaseException, item: Any) -> None:
         self.counters[0].errors += 1
