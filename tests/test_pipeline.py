@@ -120,6 +120,31 @@ def test_backpressure_sizes_the_next_buffer_and_the_bound_adds_up() -> None:
     assert g.buffer_bound() == 1 + (32 + 48 + 2 * 3 + 3) + 2 * 3
 
 
+def test_a_buffer_not_sized_next_to_a_coroutine_stage_holds_its_workers_items() -> None:
+    # DEFAULT_BUFFER at least; more when a coroutine stage writes it or reads it, so that all its
+    # coroutines can hand on or be given an item in the same turn of the loop. Thread stages'
+    # buffers stay at DEFAULT_BUFFER.
+    async def adouble(x: int) -> int:
+        return 2 * x
+
+    p = (
+        Pipeline.from_iter(range(100))
+        .map(adouble, workers=50)  # source -> 50 coroutines: 50
+        .map(double, workers=64)  # 50 coroutines -> 64 threads: 50
+        .map(double, workers=64)  # threads -> threads: 32
+        .map(adouble, workers=40)  # threads -> 40 coroutines: 40
+        .backpressure(6)
+        .map(adouble, workers=70)  # sized: 6
+    )  # 70 coroutines -> the caller: 70
+    assert p.output_capacity == 70
+    with p.start() as run:
+        assert [s.inp.maxsize for s in run._stages] == [50, 50, 32, 40, 6]
+        assert run._output.maxsize == 70
+        assert sorted(run) == [32 * x for x in range(100)]
+    threads = Pipeline.from_iter(range(3)).map(double, workers=200)
+    assert threads.output_capacity == tp.DEFAULT_BUFFER and threads._stages[0].capacity == 32
+
+
 def test_memory_stays_within_the_documented_bound() -> None:
     pulled = itertools.count()
     release = __import__("threading").Event()

@@ -53,7 +53,8 @@ U = TypeVar("U")
 K = TypeVar("K", bound=Hashable)
 
 DEFAULT_BUFFER: Final = 32
-"""Capacity of every buffer that ``backpressure()`` does not size."""
+"""The capacity of a buffer that ``backpressure()`` does not size; one next to a coroutine stage
+holds at least as many items as that stage has ``workers``."""
 
 
 def _check_count(call: str, param: str, value: object, least: int = 1) -> int:
@@ -417,7 +418,7 @@ class Pipeline(Generic[T]):
             raise TypeError(f"name must be a non-empty str or None, got {describe(name)}")
         elif name in taken:
             raise ValueError(f"name {name!r} is already used by another stage of this pipeline")
-        capacity = DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
+        capacity = self._capacity_before(workers if coroutine is not None else 1)
         spec = StageSpec(
             kind, fn, workers, ordered, name, capacity, executor, coroutine=coroutine,
             timeout=timeout, options=options, relief=self._next_relief,
@@ -429,7 +430,7 @@ class Pipeline(Generic[T]):
     ) -> Pipeline[Any]:
         """Add a one-thread stream operator (``pipe``, ``take``, ``batch``, ``group_by``...)."""
         unique = _unique(name, self._stages)
-        capacity = DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
+        capacity = self._capacity_before(1)
         spec = StageSpec(kind, fn, 1, True, unique, capacity, arg=arg, relief=self._next_relief)
         return Pipeline._make(self._source, (*self._stages, spec))
 
@@ -642,7 +643,8 @@ class Pipeline(Generic[T]):
         """Size the buffer after the last stage (or after the source): it holds at most ``n`` items.
 
         When the buffer is full, the stage before it waits. Without this call a buffer holds
-        ``DEFAULT_BUFFER`` (32) items.
+        ``DEFAULT_BUFFER`` (32) items, or, next to a coroutine stage, as many as that stage has
+        workers if that is more.
 
         Args:
             n: the buffer's capacity, >= 1.
@@ -861,7 +863,23 @@ class Pipeline(Generic[T]):
     @property
     def output_capacity(self) -> int:
         """The capacity of the buffer the caller reads outputs from."""
-        return DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
+        return self._capacity_before(1)
+
+    def _capacity_before(self, coroutines: int) -> int:
+        """The capacity of the buffer between the last stage so far and a reader that runs up to
+        ``coroutines`` coroutines at once (1 for any other reader): what ``backpressure()`` said,
+        else ``DEFAULT_BUFFER`` or, if more, the coroutines of the stage on either side.
+
+        A coroutine stage's calls end together, within one turn of its loop, and start together:
+        a buffer smaller than that has its coroutines wait for room or for items one by one, a
+        future and a wake-up each. A thread stage's workers are throttled by the interpreter
+        lock instead, and a thread stage starts its threads as items pile up: a bigger buffer
+        would start them all, which costs more than it saves (see bench/highc.py)."""
+        if self._next_capacity is not None:
+            return self._next_capacity
+        last = self._stages[-1] if self._stages else None
+        writer = last.workers if last is not None and last.coroutine is not None else 1
+        return max(DEFAULT_BUFFER, writer, coroutines)
 
     def buffer_bound(self) -> int:
         """The most items a run of this pipeline holds at once between its source and the caller.
