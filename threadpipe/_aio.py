@@ -329,6 +329,10 @@ class CoroutineStage(Runtime):
         # A call of an unordered stage puts its outputs in itself, into a buffer written on the
         # loop; an ordered one leaves that to the emitter, which keeps the order.
         self._put_now = out.put_now if isinstance(out, LoopChannel) and not spec.ordered else None
+        # Such a call reading on the loop too takes its items itself, one by one, like the
+        # pattern's worker: the *passing* stage. Its permit passes from the item it handed on to
+        # the next; when items arrive, workers are woken (or made) for them, not handed them.
+        self._passing = self._loop_in and self._put_now is not None
         if spec.reorders and not self._loop_out:
             self.reorder = Reorder(inp, out, 2 * spec.workers)
             scope.add(self.reorder)
@@ -420,8 +424,9 @@ class CoroutineStage(Runtime):
             if not pulling:
                 self.crew.leave(False)
             else:
-                self.inp.on_items = self._pull  # type: ignore[attr-defined]
-                if not self.aio.call_soon(self._pull):  # items may be waiting already
+                pull = self._call_workers if self._passing else self._pull
+                self.inp.on_items = pull  # type: ignore[attr-defined]
+                if not self.aio.call_soon(pull):  # items may be waiting already
                     self._stop_pulling(False)
         if self._loop_out and not self.aio.call_soon(self._start_emitter):
             self.crew.leave(False)
@@ -740,10 +745,14 @@ class CoroutineStage(Runtime):
         self._backlog.extend(zip(range(number, number + len(items)), items))
         self._running += len(items)
         self.peak = max(self._running, self.peak or 0)
-        # Every item waiting gets a worker coming, now: an idle one woken, or a new one. (A worker
-        # whose call ends takes the next item itself, without a wake-up; one that calls this,
-        # giving its permit back, counts among those coming.)
-        need = len(self._backlog) - self._waking
+        self._summon(len(self._backlog))
+
+    def _summon(self, waiting: int) -> None:
+        """On the loop: every one of ``waiting`` items gets a worker coming, now: an idle one
+        woken, or a new one, up to ``workers`` of them. (A worker whose call ends takes the next
+        item itself, without a wake-up; one that calls this, giving its permit back, counts
+        among those coming.)"""
+        need = waiting - self._waking
         idle = self._idle
         while need > 0 and idle:
             waiter = idle.pop()
@@ -751,6 +760,7 @@ class CoroutineStage(Runtime):
                 waiter.set_result(True)
                 self._waking += 1
                 need -= 1
+        need = min(need, self.spec.workers - len(self._workers))  # the others are all busy
         if need > 0:
             loop = self.aio.loop
             assert loop is not None  # we are running on it
@@ -759,6 +769,21 @@ class CoroutineStage(Runtime):
                 task = loop.create_task(self._work())
                 self._workers.add(task)
                 task.add_done_callback(self._workers.discard)
+
+    def _call_workers(self) -> None:
+        """A passing stage's puller, on the loop: items or the end arrived in the input. Each
+        item waiting gets a worker coming (``_summon``), which takes it itself; the end alone
+        there ends the input."""
+        if not self._pulling or self._closed:
+            return
+        if not self._idle and len(self._workers) >= self.spec.workers:
+            return  # every worker is busy: each takes the next item (or sees the end) itself
+        waiting, ended = self.inp.waiting()  # type: ignore[attr-defined]
+        if waiting:
+            self._summon(waiting)
+        elif ended:
+            self._stop_pulling(True)
+            self._dismiss()
 
     async def _work(self) -> None:
         """A worker task: make calls, one at a time, while items wait; then wait to be woken.
@@ -776,14 +801,19 @@ class CoroutineStage(Runtime):
         counters = self.counters[0]
         put = self._put_now
         out = cast("LoopChannel", self.out)
-        # A worker of an unordered stage that reads on the loop takes its next item from the
-        # input buffer itself when it is done with one: the permit passes from the item handed on
-        # to the next, with no puller and no wake-up in between (see ``_pass_permit``).
-        passing = self._loop_in and put is not None
+        passing = self._passing
+        holding = False  # passing: this worker holds a permit (see ``_take_one``)
         while True:
             self._waking -= 1  # made or woken for an item: it is here now
-            while backlog:  # its item, and any other left waiting when its call ends
-                number, item = backlog.popleft()
+            while True:  # its item, and any other left waiting when its call ends
+                if backlog:
+                    number, item = backlog.popleft()
+                elif passing and (got := self._take_one(holding)) is not None:
+                    number, item = got
+                    holding = True
+                    del got
+                else:
+                    break
                 # The stage may have been cut off since the item was taken (a take() downstream
                 # has all it needs). No call starts after a cancel.
                 if cancelled[0]:
@@ -827,8 +857,8 @@ class CoroutineStage(Runtime):
                     except Cancelled:  # the buffer was aborted: the stage is stopping
                         return
                     del outputs
-                    if passing and not backlog and self._pass_permit():
-                        continue
+                    if passing:
+                        continue  # the permit passes to the next item, if there is one
                     # The permit goes back, which may take in more items: this worker, about
                     # to look at the backlog, counts as one coming for them.
                     self._waking += 1
@@ -839,6 +869,9 @@ class CoroutineStage(Runtime):
                         self._results.append((number, outputs, None))
                         self._tell_emitter()
                     del outputs
+            if holding:  # nothing to take now: the permit goes back
+                holding = False
+                self._give_back(1)
             if self._closed or cancelled[0] or self._input_over:
                 return
             waiter = loop.create_future()
@@ -855,25 +888,30 @@ class CoroutineStage(Runtime):
             if not waiter.done():
                 waiter.set_result(False)
 
-    def _pass_permit(self) -> bool:
-        """On the loop, by a worker whose item's outputs are out: take the next item waiting in
-        the input buffer (a ``LoopLink``) into the backlog, under the same permit; return whether
-        one was taken. When none is (the buffer is empty, holds only the end, or the stage stops)
-        the permit goes back as usual (``_give_back``), which lets the puller see the end."""
+    def _take_one(self, holding: bool) -> tuple[int, Any] | None:
+        """A passing stage's worker, on the loop: the next item of the input and its number, under
+        the permit the worker holds (``holding``) or a new one; None when there is none now. The
+        end, found here, ends the input. The worker gives its permit back once it finds none."""
         if not self._pulling or self._closed:  # plain reads: a stop that races is seen below
-            return False
+            return None
         try:
             got = self.inp.take(1)  # type: ignore[attr-defined]
         except Cancelled:
-            return False
-        if not got:
-            return False
+            return None
+        if got is None:
+            return None
         items, number = got
         if not items:
-            return False  # the end: the puller takes it once the permit is back
-        self._backlog.append((number, items[0]))
+            self._stop_pulling(True)
+            self._dismiss()
+            return None
+        if not holding:
+            with self._lock:
+                self._in_flight += 1
         self._running += 1
-        return True
+        if self._running > (self.peak or 0):
+            self.peak = self._running
+        return number, items[0]
 
     def _failed(self, exc: BaseException, item: Any) -> None:
         self.counters[0].errors += 1

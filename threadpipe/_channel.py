@@ -265,25 +265,8 @@ class Channel(queue.Queue[Any]):
                         self.window_open.wait()
                 finally:
                     self.window_waiters -= 1
-            if q[0] is END:
-                return [], self.taken
-            n = len(q)
-            if q[-1] is END:
-                # The sentinel is always last when present: nothing is appended after it.
-                n -= 1
-            if share > 1:
-                n = -(-n // share)
-            if n > max_items:
-                n = max_items
-            if limit is not None and n > limit - self.taken:
-                n = limit - self.taken
-            if n == 1:
-                items = [q.popleft()]
-            else:
-                popleft = q.popleft
-                items = [popleft() for _ in range(n)]
-            number = self.taken
-            self.taken = number + n
+            got = self._take_now(max_items, share)
+            assert got is not None  # the window is open: checked above
             # Batched hand-off: a putter waiting for room is woken once the buffer is down to half
             # (or less), not for every slot freed, so it puts many items per wake-up while the
             # half still there keeps the getters busy.
@@ -293,6 +276,41 @@ class Channel(queue.Queue[Any]):
         # Items left behind with nobody idle to take them: the stage may need another worker.
         if starved:
             self._starved()
+        return got
+
+    def _take_now(self, max_items: int, share: int = 1) -> tuple[list[Any], int] | None:
+        """Under ``mutex``, with items or the end waiting: the take step of every reader.
+
+        Takes up to ``max_items`` items, no more than a ``1/share`` part of those waiting
+        (rounded up), and, for an ordered reader, only those its window allows.
+
+        Returns:
+            ``(items, first_number)``; ``([], taken)`` when the end is at the head (it stays
+            there); None when the window allows no item now.
+        """
+        q = self.queue
+        if q[0] is END:
+            return [], self.taken
+        n = len(q)
+        if q[-1] is END:
+            # The sentinel is always last when present: nothing is appended after it.
+            n -= 1
+        if share > 1:
+            n = -(-n // share)
+        if n > max_items:
+            n = max_items
+        limit = self.limit
+        if limit is not None and n > limit - self.taken:
+            n = limit - self.taken
+            if n <= 0:
+                return None
+        if n == 1:
+            items = [q.popleft()]
+        else:
+            popleft = q.popleft
+            items = [popleft() for _ in range(n)]
+        number = self.taken
+        self.taken = number + n
         return items, number
 
 

@@ -198,31 +198,26 @@ class LoopLink(LoopChannel):
         with self.mutex:
             if self.aborted:
                 raise Cancelled
-            q = self.queue
-            if not q:
+            if not self.queue:
                 return None
-            if q[0] is END:
-                return [], self.taken
-            n = len(q)
-            if q[-1] is END:
-                n -= 1
-            if n > max_items:
-                n = max_items
-            limit = self.limit
-            if limit is not None and n > limit - self.taken:
-                n = limit - self.taken
-                if n <= 0:
-                    self._held_back = True
-                    return None
-            popleft = q.popleft
-            items = [popleft() for _ in range(n)]
-            number = self.taken
-            self.taken = number + n
-        # Writers waiting are woken for the room made, now: on the loop, a wake-up is a callback,
-        # not a thread switch, so there is nothing to batch.
-        if self._room:
+            got = self._take_now(max_items)
+            if got is None:
+                self._held_back = True
+                return None
+            # Writers waiting are woken for the room made, now (on the loop, a wake-up is a
+            # callback, not a thread switch: nothing to batch), if there is room for more of them
+            # than were woken already.
+            wake = bool(self._room) and self.maxsize - len(self.queue) > self._woken
+        if wake:
             self._wake_writers()
-        return items, number
+        return got
+
+    def waiting(self) -> tuple[int, bool]:
+        """How many items wait to be taken, and whether the end is behind them (or alone)."""
+        with self.mutex:
+            q = self.queue
+            ended = bool(q) and q[-1] is END
+            return len(q) - ended, ended
 
     def put_end(self) -> None:
         """Append the end-of-input sentinel; from any thread (the reader hears of it on the loop)."""
