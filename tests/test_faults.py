@@ -528,6 +528,10 @@ def _check(case: Case, executor: Executor, feeds: Feeds) -> None:
         if not consumed.wait(_HANG_SECONDS):
             hung.append(len(got))
             run.cancel()
+            # Unless every thread has exited, none having passed the end on (a stage with no
+            # thread to read it): cancel() does nothing to a run that is done, so the consumer is
+            # let go by the run's stop flag.
+            run._state.scope.cancel()
 
     watcher = threading.Thread(target=watchdog, name="faults-watchdog")
     watcher.start()
