@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -253,11 +253,11 @@ def _feed(kind: str, data: list[int], case: Case, feeds: Feeds, fail_at: int | N
     """A pipeline fed ``data`` by a source of ``kind``."""
     if kind == "list":
         return Pipeline.from_iter(list(data))
-    if kind == "generator":
+    if kind in ("generator", "async_generator"):
         closed: list[bool] = []
         feeds.closed.append(closed)
 
-        def source() -> Iterator[int]:
+        def source() -> Generator[int, None, None]:
             closed.append(False)  # started: from here on it must be closed
             try:
                 for i, x in enumerate(data):
@@ -268,24 +268,19 @@ def _feed(kind: str, data: list[int], case: Case, feeds: Feeds, fail_at: int | N
             finally:
                 closed.append(True)
 
-        return Pipeline.from_iter(source())
-    if kind == "async_generator":
-        # Iterated on the run's loop: a coroutine stage right after it takes its items there.
-        aclosed: list[bool] = []
-        feeds.closed.append(aclosed)
+        if kind == "generator":
+            return Pipeline.from_iter(source())
 
-        async def asource() -> AsyncIterator[int]:
-            aclosed.append(False)
+        async def on_the_loop(items: Generator[int, None, None]) -> AsyncIterator[int]:
+            # The same items, iterated on the run's loop (a coroutine stage right after it takes
+            # them there); closing it closes them, so the record of the close is the same.
             try:
-                for i, x in enumerate(data):
-                    if i == fail_at:
-                        feeds.source_fired = True
-                        raise case.source_error
+                for x in items:
                     yield x
             finally:
-                aclosed.append(True)
+                items.close()
 
-        return Pipeline.from_async_iter(asource())
+        return Pipeline.from_async_iter(on_the_loop(source()))
     q: queue.Queue[Any] = queue.Queue()
     for x in data:
         q.put(x)
