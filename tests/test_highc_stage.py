@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from threadpipe import Pipeline
+from threadpipe import Pipeline, Run
 
 from tracked import Tracked, Tracker, check_bound
 
@@ -226,3 +226,103 @@ def test_a_thread_waiting_for_its_place_back_goes_on_when_the_stage_is_cancelled
     crew._exit(False)  # a thread leaving wakes it; the cancel lets it go on
     assert back.wait(10)
     thread.join(10)
+
+
+_WAIT = 10.0  # what must happen does so in milliseconds: this long only bounds a defect
+
+
+def _outputs_or_hang(run: Run[Any]) -> list[Any]:
+    """The run's outputs; the test fails if they have not ended within ``_WAIT`` (a hang).
+
+    Read, not joined: a run whose end no thread passes on has every thread exited, so ``join()``
+    returns; only its reader waits.
+    """
+    read = threading.Event()
+    hung: list[bool] = []
+
+    def watchdog() -> None:
+        if not read.wait(_WAIT):
+            hung.append(True)
+            run.cancel()  # the reader's wait ends quietly
+            # Unless every thread has exited (no thread was left to pass the end on): cancel()
+            # does nothing to a run that is done, and the reader is let go by its stop flag.
+            run._state.scope.cancel()
+
+    watcher = threading.Thread(target=watchdog, name="test-watchdog")
+    watcher.start()
+    try:
+        outputs = list(run)
+    finally:
+        read.set()
+        watcher.join()
+    if hung:
+        pytest.fail(f"hang: no end of the outputs within {_WAIT} s, after {outputs}: {run.stats()}")
+    return outputs
+
+
+@pytest.mark.parametrize("kind", ["map", "filter", "each"])
+def test_batches_carried_in_before_a_stage_starts_leave_it_a_thread_for_the_end(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage whose start() runs while the stage before has finished its batches still ends.
+
+    The race of a defect seen once in CI: the workers of the stage before carried batches into a
+    thread stage before its ``start()`` ran; with every place borrowed, ``start()`` started no
+    worker, and nobody was left to read the end of input: the run hung. Here ``b``'s start is held
+    until two of its calls are in flight, its two places, and the calls are held until the start
+    is done, so the carried batches (if any are carried) take every place when it runs.
+    """
+    from threadpipe._stage import Stage
+
+    tracker = Tracker()
+    lock = threading.Lock()
+    callers: list[str] = []  # the threads that made b's calls
+    both_in = threading.Event()  # two calls of b in flight: every place of b taken
+    started = threading.Event()  # b's start() has returned
+    # Items 0 and 1 are in a's calls at once, so that a's two threads finish a batch each.
+    together = threading.Barrier(2)
+
+    def first(x: int) -> Tracked:
+        together.wait(_WAIT)
+        return Tracked(tracker, x)  # one live object per item from here on
+
+    def second(item: Tracked) -> Any:
+        with lock:
+            callers.append(threading.current_thread().name)
+            if len(callers) == 2:
+                both_in.set()
+        started.wait(_WAIT)
+        return True if kind == "filter" else item
+
+    original = Stage.start
+
+    def held_start(self: Stage) -> None:
+        if self.spec.name == "b":
+            # Carried in, the calls are the stage before's threads'; otherwise b's own workers,
+            # which items piling up in its input start before start() does.
+            try:
+                assert both_in.wait(_WAIT), f"b's calls in flight before its start: {callers}"
+                original(self)
+            finally:
+                started.set()
+        else:
+            original(self)
+
+    monkeypatch.setattr(Stage, "start", held_start)
+    # a has a third place, left free: a stage at its limit with the end waiting in its input
+    # hands its outputs on instead of carrying them. Two items make a's second thread start (the
+    # first worker takes one and leaves one) and none is left waiting behind them.
+    pipeline = getattr(
+        Pipeline.from_iter([0, 1]).map(first, workers=3, ordered=False, name="a"), kind
+    )(second, workers=2, ordered=False, name="b")
+    bound = pipeline.buffer_bound()
+    run = pipeline.start()
+    assert sorted(item.value for item in _outputs_or_hang(run)) == [0, 1]
+    run.join(timeout=_WAIT)
+    assert tracker.peak <= bound
+    # And the fix's way: nothing is carried into a stage before its first worker runs.
+    assert all(name.startswith("threadpipe-b-") for name in callers[:2]), callers
+    a, b = run.stats()
+    assert (a.items_in, a.items_out, b.items_in, b.items_out) == (2, 2, 2, 2)
+    assert a.concurrency <= 3 and b.concurrency <= 2
+    assert b.in_flight == 0
