@@ -84,7 +84,10 @@ class LoopChannel(Channel):
                 q = self.queue
                 room = self.maxsize - len(q)
                 if room <= 0:
-                    waiter = asyncio.get_running_loop().create_future()
+                    aio = self._aio()
+                    if aio is None:  # the loop is gone: nobody would wake this writer
+                        raise Cancelled
+                    waiter = aio.here().create_future()
                     self._room.append(waiter)
                     self._writer_waits = True
                 else:
