@@ -131,9 +131,8 @@ class LoopThread:
         return threading.get_ident() == self._ident
 
     def here(self) -> asyncio.AbstractEventLoop:
-        """The loop, for code running on it. ``asyncio.get_running_loop()`` would give the same,
-        at the cost of a ``getpid()`` system call each time (its check for a fork), which on some
-        machines costs as much as a whole hand-off: the hot paths ask this instead."""
+        """The loop, for code running on it. ``asyncio.get_running_loop()`` gives the same, with a
+        ``getpid()`` system call each time (its check for a fork): the per-item paths ask this."""
         loop = self.loop
         assert loop is not None, "called off the loop"
         return loop
