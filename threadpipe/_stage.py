@@ -202,6 +202,7 @@ def _call_all(
         BaseException: what a call raised, as itself, labelled with its stage and item.
     """
     item: Any = _NO_ITEM
+    outputs: list[Any] | None = None
     try:
         if kind is MAP:
             outputs = []
@@ -238,6 +239,12 @@ def _call_all(
     except BaseException as exc:
         label(exc, stage, item, has_item=item is not _NO_ITEM)
         raise
+    finally:
+        # The traceback of an error a policy handled (kept in ``run.errors``) keeps this frame
+        # once it has returned: its frames link to their callers. So it must not keep the batch,
+        # its outputs or its last item, which ``buffer_bound()`` no longer counts.
+        del items
+        item = outputs = None
 
 
 def _batch_size(call_seconds: float, limit: int) -> int:
