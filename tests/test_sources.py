@@ -179,3 +179,58 @@ def test_concat_holds_the_largest_bound_of_its_pipelines() -> None:
     large = Pipeline.from_iter(iter([1])).map(str, workers=4)
     joined = Pipeline.concat(small, large, small)
     assert joined.buffer_bound() == large.buffer_bound() + 2 * 32
+
+
+# A built-in container read by threads is pulled by them, with no feeder thread (``_source._Pull``).
+
+
+def test_a_list_is_pulled_in_order_by_the_first_stage_with_no_feeder_thread() -> None:
+    started, gate = threading.Semaphore(0), threading.Event()
+
+    def hold(x: int) -> int:
+        if x == 0:
+            started.release()
+            gate.wait()
+        return x
+
+    run = Pipeline.from_iter(list(range(100))).backpressure(3).map(hold, workers=4).start()
+    try:
+        assert started.acquire(timeout=10)
+        names = {t.name for t in threading.enumerate()}
+        assert "threadpipe-source-0" not in names, names
+    finally:
+        gate.set()
+    assert list(run) == list(range(100))  # ordered: numbered as pulled, in the list's order
+
+
+def test_an_empty_container_ends_every_stage() -> None:
+    assert Pipeline.from_iter(()).map(lambda x: x, workers=3).map(lambda x: x).to_list() == []
+
+
+def test_a_dict_changed_while_pulled_fails_the_run_with_its_error_as_itself() -> None:
+    d = dict.fromkeys(range(10))
+
+    def grow(x: int) -> int:
+        d[100 + x] = None  # the next pull iterates a dict that changed size
+        return x
+
+    with pytest.raises(RuntimeError, match="changed size") as info:
+        Pipeline.from_iter(d).backpressure(1).map(grow).to_list()
+    assert type(info.value) is RuntimeError
+
+
+def test_a_run_over_a_list_stopped_early_pulls_no_more() -> None:
+    pulled: list[int] = []
+
+    def note(x: int) -> int:
+        pulled.append(x)
+        return x
+
+    items = list(range(1000))
+    run = Pipeline.from_iter(items).backpressure(4).map(note, workers=2).start()
+    with run:
+        for x in run:
+            if x == 3:
+                break
+    run.join(10)
+    assert len(pulled) < len(items)
