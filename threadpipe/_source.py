@@ -102,8 +102,7 @@ class Source:
             # in themselves when the buffer runs dry (``Channel.refill``), instead of waiting for
             # a feeder thread to be woken, which takes milliseconds once hundreds of threads
             # wait for the interpreter lock.
-            out.refill = pull = _Pull(opened, out, state, scope)
-            scope.add(pull)  # after: a scope cancelled already aborts it at once
+            out.refill = _Pull(opened, out, state, scope)
             return
         start_feeder(opened, out, state, scope, self.in_memory)
 
@@ -122,9 +121,6 @@ class _Pull:
         run: the run's shared state, which a failure of the iteration fails.
         scope: the source's scope (the first segment's): once it is cancelled, nothing is pulled
             and no end is sent.
-
-    Lock discipline: ``_lock`` is held while pulling and putting, and ``abort`` does not take it
-    (a failure of the iteration cancels the scope, which aborts this, from the pulling thread).
     """
 
     __slots__ = ("_iterator", "_lock", "_out", "_run", "_scope")
@@ -163,11 +159,6 @@ class _Pull:
             return False
         finally:
             self._lock.release()
-
-    def abort(self) -> None:
-        """The run stopped early: the readers pull no more. The buffer lets go of this, which
-        holds the run: a failed run is freed by reference counting alone."""
-        self._out.refill = None
 
 
 def start_feeder(
