@@ -64,12 +64,6 @@ class Channel(queue.Queue[Any]):
         # ``Stage.carry``): ``carry(items, tabs, release)`` returns 0, having done nothing, when it
         # cannot; the putter then puts the items here as usual.
         self.carry: Callable[[list[Any], dict[Any, Any], Any], int] | None = None
-        # Set while a source in memory is pulled by this channel's readers, with no feeder thread
-        # (see ``Source.launch``): a getter that finds the channel empty calls ``refill()``,
-        # outside the lock, to put the source's next items (or the end) here itself, rather than
-        # wait for a feeder to be woken; it returns False when it put nothing (another getter is
-        # refilling, or the run is stopping), and the getter then waits as usual.
-        self.refill: Callable[[], bool] | None = None
         # For an ordered stage: items may be taken only while ``taken < limit``; the reorder buffer
         # raises the limit as items leave it (see ``raise_limit``). None means no limit.
         self.limit: int | None = None
@@ -253,15 +247,6 @@ class Channel(queue.Queue[Any]):
                 if self.aborted:
                     raise Cancelled
                 if not q:
-                    refill = self.refill
-                    if refill is not None:
-                        self.mutex.release()
-                        try:
-                            refilled = refill()
-                        finally:
-                            self.mutex.acquire()
-                        if refilled or q:
-                            continue
                     self.idle_getters += 1
                     try:
                         woke = self.not_empty.wait(timeout)

@@ -260,10 +260,8 @@ class Pipeline(Generic[T]):
     def from_iter(cls, iterable: Iterable[T]) -> Pipeline[T]:
         """Build a pipeline whose source is ``iterable``.
 
-        The iterable is pulled by a feeder thread of each run; a built-in container (a list, a
-        range, a dict...) read by threads is pulled by the threads that read it instead, a
-        buffer's worth at a time. A re-iterable source (a list, a range) can be run any number of
-        times; a one-shot iterator (a generator) feeds one run.
+        The iterable is pulled by a feeder thread of each run. A re-iterable source (a list, a
+        range) can be run any number of times; a one-shot iterator (a generator) feeds one run.
 
         Args:
             iterable: the items to feed.
@@ -882,8 +880,8 @@ class Pipeline(Generic[T]):
     def buffer_bound(self) -> int:
         """The most items a run of this pipeline holds at once between its source and the caller.
 
-        The sum of: what the feeder holds (one item, or a buffer's worth when the source is a
-        built-in container such as a list or a range, whose items are in memory anyway); for
+        The sum of: what the feeder thread holds (one item, or a buffer's worth when the source is
+        a built-in container such as a list or a range, whose items are in memory anyway); for
         each stage, its input buffer's capacity ``C`` plus what its workers hold, at most
         ``ceil(C/1) + ceil(C/2) + ... + ceil(C/workers)`` items (twice that for an ordered stage
         with more than one worker: its reorder buffer), plus, for a ``flat_map`` stage, one
@@ -958,8 +956,7 @@ class Pipeline(Generic[T]):
         trace: bool | int = False,
         monitor: bool = False,
     ) -> Run[T]:
-        """Start a run: one worker per stage starts now, more as work needs them; so does the feeder
-        thread, unless the source is a built-in container: the first stage's threads pull that.
+        """Start a run: the feeder thread and one worker per stage start now, more as work needs them.
 
         Args:
             progress: show one tqdm bar per stage, counting the items out of it, refreshed ten

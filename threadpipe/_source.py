@@ -1,9 +1,4 @@
-"""The source: the user's iterable, and the feeder thread that pulls it into the first buffer.
-
-A built-in container in memory (a list, a range...) read by threads needs no feeder thread: taking
-its next items cannot block, so the thread that finds the first buffer empty puts them there
-itself (:class:`_Pull`).
-"""
+"""The source: the user's iterable, and the feeder thread that pulls it into the first buffer."""
 
 from __future__ import annotations
 
@@ -97,68 +92,7 @@ class Source:
         if aio is not None and getattr(out, "written_on_loop", False):
             aio.feeder(opened, out, scope).start()
             return
-        if self.in_memory and type(out) is Channel:
-            # Taking a container's next items cannot block: the first stage's threads pull them
-            # in themselves when the buffer runs dry (``Channel.refill``), instead of waiting for
-            # a feeder thread to be woken, which takes milliseconds once hundreds of threads
-            # wait for the interpreter lock.
-            out.refill = _Pull(opened, out, state, scope)
-            return
         start_feeder(opened, out, state, scope, self.in_memory)
-
-
-class _Pull:
-    """A container in memory pulled into the first buffer by the threads that read it.
-
-    The feeder's work without its thread: called by a reader that found the buffer empty
-    (``Channel.refill``), it puts the container's next buffer's worth, or the end once there is
-    no more. One reader at a time: the others wait for the items as usual, and the items go in
-    in the container's order, as an ordered stage needs them numbered.
-
-    Args:
-        iterator: the container's iterator.
-        out: the first buffer.
-        run: the run's shared state, which a failure of the iteration fails.
-        scope: the source's scope (the first segment's): once it is cancelled, nothing is pulled
-            and no end is sent.
-    """
-
-    __slots__ = ("_iterator", "_lock", "_out", "_run", "_scope")
-
-    def __init__(self, iterator: Iterator[Any], out: Channel, run: RunState, scope: Scope) -> None:
-        self._iterator = iterator
-        self._out = out
-        self._run = run
-        self._scope = scope
-        self._lock = threading.Lock()
-
-    def __call__(self) -> bool:
-        """Put the next items (or the end) into the buffer; return whether anything went in."""
-        if not self._lock.acquire(blocking=False):
-            return False  # another reader is pulling: its items wake the waiting readers
-        out = self._out
-        try:
-            if out.refill is None or self._scope.cancelled[0]:
-                return False
-            # The buffer was empty and nobody else writes it: the chunk fits, put_many never waits.
-            chunk = list(islice(self._iterator, out.maxsize))
-            if chunk:
-                out.put_many(chunk)
-                return True
-            out.refill = None
-            del self._iterator
-            out.put_end()
-            return True
-        except Cancelled:
-            return False
-        except BaseException as exc:
-            # A container changed while iterated (a dict, a set): the source's failure, as the
-            # feeder reports it.
-            out.refill = None
-            self._run.fail(exc, self._scope, SOURCE_NAME, None, has_item=False)
-            return False
-        finally:
-            self._lock.release()
 
 
 def start_feeder(
