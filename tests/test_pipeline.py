@@ -120,15 +120,16 @@ def test_backpressure_sizes_the_next_buffer_and_the_bound_adds_up() -> None:
     assert g.buffer_bound() == 1 + (32 + 48 + 2 * 3 + 3) + 2 * 3
 
 
-def test_a_buffer_holds_by_default_as_many_items_as_the_stage_before_it_has_workers() -> None:
+def test_the_callers_buffer_holds_by_default_as_many_items_as_the_last_stage_has_workers() -> None:
     p = Pipeline.from_iter(range(100)).map(double, workers=50).map(double, workers=2)
     assert p.output_capacity == tp.DEFAULT_BUFFER
     wide = p.map(double, workers=40)
     assert wide.output_capacity == 40
     assert wide.backpressure(3).output_capacity == 3
+    assert wide.buffer_bound() == p.map(double, workers=40).backpressure(40).buffer_bound()
     with wide.start() as run:
-        # The source's buffer, the one after the 50 workers, after the 2, after the 40.
-        assert [s.inp.maxsize for s in run._stages] == [tp.DEFAULT_BUFFER, 50, tp.DEFAULT_BUFFER]
+        # Between stages, the default: only the caller's buffer follows the stage's width.
+        assert [s.inp.maxsize for s in run._stages] == [tp.DEFAULT_BUFFER] * 3
         assert run._output.maxsize == 40
         assert sorted(run) == [8 * x for x in range(100)]
 

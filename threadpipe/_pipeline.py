@@ -53,8 +53,8 @@ U = TypeVar("U")
 K = TypeVar("K", bound=Hashable)
 
 DEFAULT_BUFFER: Final = 32
-"""Capacity of every buffer that ``backpressure()`` does not size, unless the stage that writes it
-has more workers: the buffer then holds as many items as it has workers."""
+"""Capacity of every buffer that ``backpressure()`` does not size (the caller's holds as many items
+as the last stage has workers, if that is more: see ``Pipeline.output_capacity``)."""
 
 
 def _check_count(call: str, param: str, value: object, least: int = 1) -> int:
@@ -418,7 +418,7 @@ class Pipeline(Generic[T]):
             raise TypeError(f"name must be a non-empty str or None, got {describe(name)}")
         elif name in taken:
             raise ValueError(f"name {name!r} is already used by another stage of this pipeline")
-        capacity = self.output_capacity  # the new stage's input buffer
+        capacity = DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
         spec = StageSpec(
             kind, fn, workers, ordered, name, capacity, executor, coroutine=coroutine,
             timeout=timeout, options=options, relief=self._next_relief,
@@ -430,7 +430,7 @@ class Pipeline(Generic[T]):
     ) -> Pipeline[Any]:
         """Add a one-thread stream operator (``pipe``, ``take``, ``batch``, ``group_by``...)."""
         unique = _unique(name, self._stages)
-        capacity = self.output_capacity  # the new stage's input buffer
+        capacity = DEFAULT_BUFFER if self._next_capacity is None else self._next_capacity
         spec = StageSpec(kind, fn, 1, True, unique, capacity, arg=arg, relief=self._next_relief)
         return Pipeline._make(self._source, (*self._stages, spec))
 
@@ -643,8 +643,8 @@ class Pipeline(Generic[T]):
         """Size the buffer after the last stage (or after the source): it holds at most ``n`` items.
 
         When the buffer is full, the stage before it waits. Without this call a buffer holds
-        ``DEFAULT_BUFFER`` (32) items, or as many as the stage before it has ``workers`` if that
-        is more (see ``output_capacity``).
+        ``DEFAULT_BUFFER`` (32) items; the one the caller reads holds as many as the last stage
+        has ``workers``, if that is more (see ``output_capacity``).
 
         Args:
             n: the buffer's capacity, >= 1.
@@ -862,15 +862,14 @@ class Pipeline(Generic[T]):
 
     @property
     def output_capacity(self) -> int:
-        """The capacity of the buffer after the last stage: the one the caller reads outputs from,
-        or the next stage's input once one is added.
+        """The capacity of the buffer the caller reads outputs from.
 
-        ``backpressure(n)`` sets it. Otherwise it is ``DEFAULT_BUFFER``, or the last stage's
-        ``workers`` when that is more, so that every worker of the stage can hand an output on
-        while its readers wake up. Once hundreds of threads wait for the interpreter lock, a
-        wake-up takes milliseconds (the caller's, a waiting worker's), and a buffer smaller than
-        the stage that writes it keeps that stage's workers waiting for room, each holding its
-        place, meanwhile.
+        ``backpressure(n)`` after the last stage sets it. Otherwise it is ``DEFAULT_BUFFER``, or
+        the last stage's ``workers`` when that is more, so that every worker of the stage can hand
+        an output on while the caller wakes up. The caller is one thread that takes the outputs a
+        batch per wake-up, and once hundreds of threads wait for the interpreter lock, a wake-up
+        takes milliseconds: a buffer smaller than the stage that writes it then keeps that stage's
+        workers waiting for room, each holding its place, meanwhile.
         """
         if self._next_capacity is not None:
             return self._next_capacity
