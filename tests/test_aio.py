@@ -312,7 +312,7 @@ def test_filter_flat_map_and_each(ordered: bool) -> None:
 
 
 def test_buffer_bound_counts_the_coroutines_in_flight() -> None:
-    # The output buffer is not sized: it holds as many items as the stage has workers (100).
+    # The output buffer holds as many items as the stage has workers (100), twice counted.
     p = Pipeline.from_iter(iter([1])).backpressure(5).map(double, workers=100, ordered=False)
     assert p.buffer_bound() == 1 + (5 + 100) + 2 * 100
     ordered = Pipeline.from_iter(iter([1])).backpressure(5).map(double, workers=100)

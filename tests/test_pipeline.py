@@ -122,8 +122,8 @@ def test_backpressure_sizes_the_next_buffer_and_the_bound_adds_up() -> None:
 
 def test_a_buffer_not_sized_next_to_a_coroutine_stage_holds_its_workers_items() -> None:
     # DEFAULT_BUFFER at least; more when a coroutine stage writes it or reads it, so that all its
-    # coroutines can hand on or be given an item in the same turn of the loop. Thread stages'
-    # buffers stay at DEFAULT_BUFFER.
+    # coroutines can hand on or be given an item in the same turn of the loop. A thread stage's
+    # input buffer stays at DEFAULT_BUFFER.
     async def adouble(x: int) -> int:
         return 2 * x
 
@@ -141,8 +141,23 @@ def test_a_buffer_not_sized_next_to_a_coroutine_stage_holds_its_workers_items() 
         assert [s.inp.maxsize for s in run._stages] == [50, 50, 32, 40, 6]
         assert run._output.maxsize == 70
         assert sorted(run) == [32 * x for x in range(100)]
-    threads = Pipeline.from_iter(range(3)).map(double, workers=200)
-    assert threads.output_capacity == tp.DEFAULT_BUFFER and threads._stages[0].capacity == 32
+    threads = Pipeline.from_iter(range(3)).map(double, workers=200).map(double, workers=300)
+    assert [s.capacity for s in threads._stages] == [32, 32]
+    assert threads.output_capacity == 300  # the caller's: see the next test
+
+
+def test_the_callers_buffer_holds_by_default_as_many_items_as_the_last_stage_has_workers() -> None:
+    p = Pipeline.from_iter(range(100)).map(double, workers=50).map(double, workers=2)
+    assert p.output_capacity == tp.DEFAULT_BUFFER
+    wide = p.map(double, workers=40)
+    assert wide.output_capacity == 40
+    assert wide.backpressure(3).output_capacity == 3
+    assert wide.buffer_bound() == p.map(double, workers=40).backpressure(40).buffer_bound()
+    with wide.start() as run:
+        # Between stages, the default: only the caller's buffer follows the stage's width.
+        assert [s.inp.maxsize for s in run._stages] == [tp.DEFAULT_BUFFER] * 3
+        assert run._output.maxsize == 40
+        assert sorted(run) == [8 * x for x in range(100)]
 
 
 def test_memory_stays_within_the_documented_bound() -> None:

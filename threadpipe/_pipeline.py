@@ -53,8 +53,9 @@ U = TypeVar("U")
 K = TypeVar("K", bound=Hashable)
 
 DEFAULT_BUFFER: Final = 32
-"""The capacity of a buffer that ``backpressure()`` does not size; one next to a coroutine stage
-holds at least as many items as that stage has ``workers``."""
+"""The capacity of a buffer that ``backpressure()`` does not size, unless the stage next to it
+calls for more: the buffer the caller reads holds as many items as the last stage has ``workers``,
+and one next to a coroutine stage as many as that stage has (see ``Pipeline.output_capacity``)."""
 
 
 def _check_count(call: str, param: str, value: object, least: int = 1) -> int:
@@ -643,8 +644,9 @@ class Pipeline(Generic[T]):
         """Size the buffer after the last stage (or after the source): it holds at most ``n`` items.
 
         When the buffer is full, the stage before it waits. Without this call a buffer holds
-        ``DEFAULT_BUFFER`` (32) items, or, next to a coroutine stage, as many as that stage has
-        workers if that is more.
+        ``DEFAULT_BUFFER`` (32) items; more where the stage next to it calls for more: the one the
+        caller reads holds as many as the last stage has ``workers``, and one next to a coroutine
+        stage as many as that stage has (see ``output_capacity``).
 
         Args:
             n: the buffer's capacity, >= 1.
@@ -862,23 +864,35 @@ class Pipeline(Generic[T]):
 
     @property
     def output_capacity(self) -> int:
-        """The capacity of the buffer the caller reads outputs from."""
-        return self._capacity_before(1)
+        """The capacity of the buffer the caller reads outputs from.
 
-    def _capacity_before(self, coroutines: int) -> int:
-        """The capacity of the buffer between the last stage so far and a reader that runs up to
-        ``coroutines`` coroutines at once (1 for any other reader): what ``backpressure()`` said,
-        else ``DEFAULT_BUFFER`` or, if more, the coroutines of the stage on either side.
+        ``backpressure(n)`` after the last stage sets it. Otherwise it is ``DEFAULT_BUFFER``, or
+        the last stage's ``workers`` when that is more, so that every worker of the stage can hand
+        an output on while the caller wakes up. The caller is one thread that takes the outputs a
+        batch per wake-up, and once hundreds of threads wait for the interpreter lock, a wake-up
+        takes milliseconds: a buffer smaller than the stage that writes it then keeps that stage's
+        workers waiting for room, each holding its place, meanwhile.
+        """
+        return self._capacity_before(1, caller=True)
 
-        A coroutine stage's calls end together, within one turn of its loop, and start together:
-        a buffer smaller than that has its coroutines wait for room or for items one by one, a
-        future and a wake-up each. A thread stage's workers are throttled by the interpreter
-        lock instead, and a thread stage starts its threads as items pile up: a bigger buffer
-        would start them all, which costs more than it saves (see bench/highc.py)."""
+    def _capacity_before(self, coroutines: int, caller: bool = False) -> int:
+        """The capacity of the buffer between the last stage so far and its reader: what
+        ``backpressure()`` said, else ``DEFAULT_BUFFER``, or more where a side calls for more.
+
+        The writer's ``workers`` count when the reader is the ``caller`` (see
+        ``output_capacity``) or the writer is a coroutine stage; the reader's ``coroutines``
+        (1 for a reader that is not a coroutine stage) count too. A coroutine stage's calls end
+        together, within one turn of its loop, and start together: a buffer smaller than that has
+        its coroutines wait for room or for items one by one, a future and a wake-up each. Between
+        thread stages the buffer stays at ``DEFAULT_BUFFER``: a thread stage starts its threads as
+        items pile up, and bigger buffers there started them all, which cost more than it saved
+        (``bench/highc.py``: 2.6x slower at 256 workers per stage)."""
         if self._next_capacity is not None:
             return self._next_capacity
         last = self._stages[-1] if self._stages else None
-        writer = last.workers if last is not None and last.coroutine is not None else 1
+        writer = 1
+        if last is not None and (caller or last.coroutine is not None):
+            writer = last.workers
         return max(DEFAULT_BUFFER, writer, coroutines)
 
     def buffer_bound(self) -> int:

@@ -358,7 +358,9 @@ class Crew:
                 finally:
                     self._returning -= 1
             self.away -= 1
-            if self.busy > self.most:
+            # Back after the end or a cancel without waiting for a place, it only sees the end
+            # and runs no call: it takes no place, and does not count in the peak.
+            if self.busy > self.most and not self.ended and not self.scope.cancelled[0]:
                 self.most = self.busy
 
     def _launch(self, index: int, target: Callable[..., bool], args: tuple[Any, ...]) -> None:
