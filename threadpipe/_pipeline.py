@@ -884,9 +884,9 @@ class Pipeline(Generic[T]):
         (1 for a reader that is not a coroutine stage) count too. A coroutine stage's calls end
         together, within one turn of its loop, and start together: a buffer smaller than that has
         its coroutines wait for room or for items one by one, a future and a wake-up each. Between
-        thread stages the buffer stays at ``DEFAULT_BUFFER``: a thread stage starts its threads as
-        items pile up, and bigger buffers there started them all, which cost more than it saved
-        (``bench/highc.py``: 2.6x slower at 256 workers per stage)."""
+        thread stages the buffer stays at ``DEFAULT_BUFFER``: sized there too, it measured no
+        better (``bench/highc.py``, interleaved) and more than doubled ``buffer_bound()`` at 128
+        workers per stage."""
         if self._next_capacity is not None:
             return self._next_capacity
         last = self._stages[-1] if self._stages else None
