@@ -1219,3 +1219,49 @@ def test_a_child_forked_during_a_run_exits_when_it_leaves_the_loop(
     assert report["children"] == _FORKS
     assert report["hung"] == 0, f"{report['hung']} of {_FORKS} children deadlocked after leaving the loop"
     assert report["codes"] == [0], f"children's exit codes: {report['codes']}"
+
+
+# ------------------------------------------------------------------ an end that never comes
+# Found while testing the carry-through fix: when a defect loses the end of the outputs, every
+# thread of the run may have exited already; the caller waited forever, with nothing left to cancel.
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("consume", ["for", "async for"])
+@pytest.mark.parametrize("last", ["thread", "coroutine", "operator"])
+def test_an_end_that_never_comes_fails_the_run_instead_of_hanging(last: str, consume: str) -> None:
+    gate = threading.Event()
+
+    def source() -> Iterator[int]:
+        yield 1
+        gate.wait(_PROMPT)
+        yield 2
+
+    async def same(x: int) -> int:
+        return x
+
+    chain = Pipeline.from_iter(source())
+    if last == "operator":
+        chain = chain.map(lambda x: x).take(5)
+    else:
+        chain = chain.map(same if last == "coroutine" else (lambda x: x))
+    run = chain.start()
+    run._output.put_end = lambda: None  # type: ignore[method-assign]  # the defect: the end is lost
+    gate.set()
+    got = []
+    started = time.monotonic()
+
+
+    async def collect() -> None:
+        async for x in run:
+            got.append(x)
+
+    with pytest.raises(RuntimeError, match="the end of the outputs never came"):
+        if consume == "for":
+            for x in run:
+                got.append(x)
+        else:
+            asyncio.run(collect())
+    assert got == [1, 2]
+    assert time.monotonic() - started < _PROMPT
+    assert run.done

@@ -59,7 +59,7 @@ from ._source import SOURCE_NAME
 from ._stage import EACH, FILTER, MAP, Runtime, StageSpec, outputs_of
 from ._threads import Crew
 
-from ._run import _raise_stopped
+from ._run import _SLICE, _raise_stopped
 
 if TYPE_CHECKING:
     from ._run import Run, RunState
@@ -1462,14 +1462,21 @@ class _Helper:
             del fn, loop, deliver, result
 
 
-def _fetch(channel: Channel, batch: int) -> Any:
-    """Wait for outputs (in the helper thread): a batch, ``[]`` at the end, ``_CLOSED`` on stop."""
+def _fetch(state: RunState, channel: Channel, batch: int) -> Any:
+    """Wait for outputs (in the helper thread): a batch, ``[]`` at the end, ``_CLOSED`` on stop.
+
+    It waits in slices, as the plain iterator does, to see an end that will never come
+    (``RunState.check_end``)."""
     try:
-        got = channel.get_many(batch)
+        while True:
+            got = channel.get_many(batch, _SLICE)
+            if got is not None:
+                return got[0]
+            state.check_end(channel)
+            if state.stop[0]:
+                return _CLOSED
     except Cancelled:
         return _CLOSED
-    assert got is not None  # no timeout given
-    return got[0]
 
 
 def _deliver(ref: weakref.ref[AsyncOutput[Any]], result: tuple[Any, BaseException | None]) -> None:
@@ -1543,7 +1550,7 @@ class AsyncOutput(Generic[T]):
                 except Cancelled:
                     continue  # the flag is up: reported at the top
                 if taken is None:
-                    self._wait_in_thread(partial(_fetch, self._channel, self._batch))
+                    self._wait_in_thread(partial(_fetch, self._state, self._channel, self._batch))
                     await self._sleep()
                     continue
                 got = taken[0]

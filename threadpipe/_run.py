@@ -247,6 +247,26 @@ class RunState:
                 self.cancelled = True
         self.scope.cancel()
 
+    def check_end(self, output: Channel) -> None:
+        """For a reader of the run's outputs whose wait found none: if every thread of the run has
+        exited and ``output`` is empty, the end of the outputs is lost, and the run fails.
+
+        A stage's last thread puts the end in before it exits, so that is a threadpipe bug (one
+        found so far did it). The reader would wait forever, with nothing left to cancel; it gets
+        the error instead."""
+        if not self.done.is_set() or output.qsize():
+            return
+        self.fail(
+            RuntimeError(
+                "threadpipe: every thread of the run exited, and the end of the outputs never "
+                "came; this is a bug in threadpipe, please report it"
+            ),
+            self.scope,
+            "run",
+            None,
+            has_item=False,
+        )
+
     def cancel_soon(self) -> None:
         """Cancel from a finalizer, which may run in a thread that holds one of this run's locks.
 
@@ -384,6 +404,7 @@ class _Output(Generic[T]):
                 self._state.cancel()
                 raise
             if got is None:
+                self._state.check_end(self._channel)
                 continue
             items = got[0]
             if not items:
