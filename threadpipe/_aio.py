@@ -616,7 +616,6 @@ class CoroutineStage(Runtime):
                 items, number = got
                 if not items:
                     self._stop_pulling(True)
-                    self._dismiss()
                     return
                 with self._lock:
                     self._in_flight += len(items)
@@ -640,6 +639,8 @@ class CoroutineStage(Runtime):
                     self._tell_emitter()  # the end came on the loop
         if pulling:
             self.crew.leave(False)  # the emitter ends the stage, once every output is out
+            if saw_end:  # on the loop, where the end came: no item will come any more
+                self._dismiss()
 
     # ------------------------------------------------------------------ the loop-side output
 
@@ -790,7 +791,6 @@ class CoroutineStage(Runtime):
             self._summon(waiting)
         elif ended:
             self._stop_pulling(True)
-            self._dismiss()
 
     async def _work(self) -> None:
         """A worker task: make calls, one at a time, while items wait; then wait to be woken.
@@ -910,7 +910,6 @@ class CoroutineStage(Runtime):
         items, number = got
         if not items:
             self._stop_pulling(True)
-            self._dismiss()
             return None
         if not holding:
             with self._lock:
