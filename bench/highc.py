@@ -21,7 +21,11 @@ Besides the median over the repeats, which include the first one, the table show
 * ``floor``: the ideal schedule replayed by 3c threads started in advance, one per slot, that do
   nothing but sleep until the end of each of their calls: one wake-up per call, no queue, no
   hand-off, no thread start. Its ratio to the ideal schedule is what waking that many sleeping threads costs
-  on this machine: a floor under the ratio of any thread pipeline here.
+  on this machine: a floor under the ratio of any thread pipeline here;
+* ``carried``: the pattern run to completion by 3c threads started in advance, each carrying one
+  item at a time through every stage, with c places per stage: no queue and no hand-off between
+  stages, the fewest wake-ups a thread pipeline can have. Not a floor (it serves a stage's waiters
+  in no set order), a reference: what a thread design with the fewest hand-offs reaches here.
 
 pypeln and pyper run in a child process of their own for all their repeats (pyper deadlocks from
 c = 4 and pypeln polls; neither may wedge or slow this process), so they are not interleaved.
@@ -152,6 +156,52 @@ def floor_run(table: Table, c: int) -> Sample:
     return measured(body)
 
 
+def carried_run(stages: list[Any], c: int) -> Sample:
+    """The pattern run to completion: 3c threads started in advance (one per place), each carrying
+    one item at a time through all three stages, with c places per stage (a semaphore each).
+
+    The other way to give each stage c calls at once with threads: no queue between stages and no
+    hand-off, a thread waits only for a place (first stage mostly) or for the next item. It does
+    not keep the stages' order of service (a semaphore lets a newcomer in before a waiter), so it
+    is a reference, not a floor: what the fewest hand-offs buy on this machine.
+
+    Returns:
+        The measured run, from the release to the last thread's end, outputs counted.
+    """
+    gate = threading.Event()
+    source = iter(range(N_ITEMS))
+    lock = threading.Lock()
+    places = [threading.Semaphore(c) for _ in stages]
+    outputs: list[int] = []
+
+    def carrier() -> None:
+        gate.wait()
+        while True:
+            with lock:
+                item = next(source, None)
+            if item is None:
+                return
+            for place, fn in zip(places, stages):
+                with place:
+                    item = fn(item)
+            outputs.append(item)
+
+    threads = [threading.Thread(target=carrier, name=f"bench-carried-{i}") for i in range(3 * c)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # let every thread reach the gate: starting them is not what is measured
+
+    def body() -> None:
+        gate.set()
+        for thread in threads:
+            thread.join()
+
+    sample = measured(body)
+    if sorted(outputs) != list(range(N_ITEMS)):
+        raise RuntimeError(f"carried: got {len(outputs)} outputs")
+    return sample
+
+
 def child_runs(lib: str, table: Table, c: int, reps: int, log: ErrorLog) -> Outcome:
     """``reps`` timed runs of ``lib`` in one fresh child process (``child.run_timed``)."""
     job = {
@@ -179,7 +229,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--libs", default=",".join(IN_PROCESS + IN_CHILD))
     parser.add_argument("--no-fresh", action="store_true", help="skip the fresh-process first runs")
-    parser.add_argument("--no-floor", action="store_true", help="skip the sleeping-threads floor")
+    parser.add_argument(
+        "--no-floor", action="store_true", help="skip the references (the floor and 'carried')"
+    )
     args = parser.parse_args(argv)
     cs = [int(c) for c in args.c.split(",")]
     libs = [lib for lib in args.libs.split(",") if lib]
@@ -203,6 +255,7 @@ def main(argv: list[str]) -> int:
             pass
     samples: dict[tuple[str, int], list[Sample]] = {}
     floors: dict[int, list[Sample]] = {}
+    carried: dict[int, list[Sample]] = {}
     started = time.monotonic()
     for rep in range(args.reps):
         for c in cs:
@@ -210,6 +263,7 @@ def main(argv: list[str]) -> int:
                 samples.setdefault((lib, c), []).append(measured(library_run(lib, stages, c)))
             if not args.no_floor:
                 floors.setdefault(c, []).append(floor_run(table, c))
+                carried.setdefault(c, []).append(carried_run(stages, c))
         print(f"repeat {rep + 1}/{args.reps} done ({time.monotonic() - started:.0f} s)", flush=True)
     children = {
         (lib, c): child_runs(lib, table, c, args.reps, log)
@@ -266,14 +320,18 @@ def main(argv: list[str]) -> int:
                     else outcome.label()
                 )
                 print(f"{lib:12s} {cell:>22s} {'':>7s} {'(own process)':>12s}")
-        if floors.get(c):
-            runs = floors[c]
-            cpu = statistics.median(r.cpu for r in runs) / calls * 1e6
-            csw = statistics.median(r.voluntary + r.involuntary for r in runs) / calls
-            print(
-                f"{'floor':12s} {spread([r.seconds / ideal for r in runs]):>22s} {'':>7s}"
-                f" {cpu:12.0f} {csw:9.1f}   ({3 * c} threads replaying the ideal schedule)"
-            )
+        for name, refs, what in (
+            ("carried", carried, f"{3 * c} threads carrying items through every stage"),
+            ("floor", floors, f"{3 * c} threads replaying the ideal schedule"),
+        ):
+            runs = refs.get(c, [])
+            if runs:
+                cpu = statistics.median(r.cpu for r in runs) / calls * 1e6
+                csw = statistics.median(r.voluntary + r.involuntary for r in runs) / calls
+                print(
+                    f"{name:12s} {spread([r.seconds / ideal for r in runs]):>22s} {'':>7s}"
+                    f" {cpu:12.0f} {csw:9.1f}   ({what})"
+                )
     return 0
 
 
