@@ -19,7 +19,9 @@ as one of that stage's workers for the batch, and hands the results on the same 
 the hand-off, a wake-up of another thread, which is what wide stages (hundreds of workers, every
 thread waiting for the interpreter lock) spend most of their time on. A worker away like that
 leaves its place at home to another thread when its batch fits the place it takes (see
-``Crew.go_away``), and waits for a place when it comes back.
+``Crew.go_away``), and waits for a place when it comes back. A worker whose own stage is at its
+limit with items waiting hands its outputs over instead, unless a worker back from a carry waits
+for a place: that one then takes the place, and this one carries on.
 
 The end of input is the sentinel at the head of the input channel; every worker sees it, and the
 last one to exit sends it on, so stages close in a cascade.
@@ -662,10 +664,19 @@ class Stage(Runtime):
                         reorder.complete(number, taken, outputs)
                 elif outputs:
                     carry = out.carry if carries else None
-                    if carry is not None and crew.full(spec.workers) and inp.qsize():
+                    if (
+                        carry is not None
+                        and not crew.awaited
+                        and crew.full(spec.workers)
+                        and inp.qsize()
+                    ):
                         # Its place here is wanted at once (the stage is at its limit and items
-                        # wait): leaving it to another thread would idle it for that thread's
-                        # wake-up, on the stage that is the bottleneck. Hand the outputs on.
+                        # wait), and none of the stage's threads is back from a carry waiting
+                        # for one: leaving it would idle it until a new thread starts, on the
+                        # stage that is the bottleneck. Hand the outputs on. (With a thread
+                        # waiting, the place goes to that one at once, and this one carries on:
+                        # the wake-up the stage needs either way, and no worker of the next
+                        # stage to wake or start.)
                         carry = None
                     if carry is None:
                         out.put_many(outputs)

@@ -306,6 +306,12 @@ class Crew:
         """The places under ``limit`` taken: own threads not away, and borrowed ones."""
         return self.alive - self.away + self.borrowed
 
+    @property
+    def awaited(self) -> bool:
+        """Whether a thread of this crew waits in :meth:`come_back` for a place: the next place
+        given up goes to it. An unlocked read, a hint: it may be stale by the time it is used."""
+        return self._returning > 0
+
     def full(self, limit: int) -> bool:
         """Whether every place under ``limit`` is taken (or waited for)."""
         with self._lock:
