@@ -204,13 +204,21 @@ def test_a_crew_counts_borrowed_and_away_places_and_a_thread_back_waits_for_one(
         crew.come_back(2)
         back.set()
 
+    assert not crew.awaited
     thread = threading.Thread(target=come_back)
     thread.start()
     assert not back.wait(0.05)  # no place: it waits (nothing is decided by the wait's length)
+    pause = threading.Event()  # never set: a bounded poll, 10 s at most
+    for _ in range(10_000):  # its wait shows, for the next carry to see
+        if crew.awaited:
+            break
+        pause.wait(0.001)
+    assert crew.awaited and crew.full(2)
     crew.give_back()  # the borrowed place is given back: the waiting thread takes it
     assert back.wait(10)
     thread.join(10)
     assert (crew.busy, crew.away, crew.borrowed, crew.most) == (2, 0, 0, 2)
+    assert not crew.awaited
 
 
 def test_a_thread_waiting_for_its_place_back_goes_on_when_the_stage_is_cancelled() -> None:
