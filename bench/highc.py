@@ -143,13 +143,25 @@ def floor_run(table: Table, c: int) -> Sample:
         threading.Thread(target=sleeper, args=(calls,), name=f"bench-floor-{i}")
         for i, calls in enumerate(fifo_slots(table, c))
     ]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.2)  # let every thread reach the gate: starting them is not what is measured
 
-    def body() -> None:
+    def release() -> None:
         origin[0] = time.perf_counter()
         gate.set()
+
+    return released(threads, release)
+
+
+def released(threads: list[threading.Thread], release: Callable[[], None]) -> Sample:
+    """Start ``threads``, let them reach their gate, then measure ``release()`` and their ends.
+
+    Starting the threads is not what a reference measures, so it happens before the clock starts.
+    """
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # let every thread reach the gate
+
+    def body() -> None:
+        release()
         for thread in threads:
             thread.join()
 
@@ -187,16 +199,7 @@ def carried_run(stages: list[Any], c: int) -> Sample:
             outputs.append(item)
 
     threads = [threading.Thread(target=carrier, name=f"bench-carried-{i}") for i in range(3 * c)]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.2)  # let every thread reach the gate: starting them is not what is measured
-
-    def body() -> None:
-        gate.set()
-        for thread in threads:
-            thread.join()
-
-    sample = measured(body)
+    sample = released(threads, gate.set)
     if sorted(outputs) != list(range(N_ITEMS)):
         raise RuntimeError(f"carried: got {len(outputs)} outputs")
     return sample
