@@ -18,8 +18,10 @@ perfect implementation of the pattern would take.
 
 With ``--reps R`` the libraries that cannot hang (threadpipe, asyncio by hand, streamable) run in
 one child process, **interleaved** (repeat r runs every library at every c before repeat r + 1),
-and each cell is the median of the R runs with the min-max spread and the first run apart;
-pypeln and pyper run their R repeats in a child of their own each.
+and each cell is the median of the R runs with the min-max spread and the first run apart; rows
+``threadpipe / X`` compare threadpipe with each library interleaved with it repeat by repeat (the
+median of the ratios of their times, and in how many repeats threadpipe was the faster). pypeln and
+pyper run their R repeats in a child of their own each.
 
 ``bench/run.py --only coroutine`` runs the same measurements as a section of the full benchmark.
 """
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from report import paired
 from workloads import SEED, Table, ideal_fifo, lower_bound, uniform_table
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -454,7 +457,11 @@ def main_reps(args: argparse.Namespace) -> int:
         f"1c. coroutine variant, {args.reps} repeats interleaved in one process ({', '.join(together)};"
     )
     print(
-        "    others in a child each): ratio to the ideal FIFO schedule, median (min-max), first run"
+        "    others in a child each): ratio to the ideal FIFO schedule, median (min-max), first run;"
+    )
+    print(
+        "    threadpipe / X: threadpipe's time over X's in the same repeat, median, and in how many"
+        " repeats threadpipe was faster"
     )
     print(f"    python {sys.version.split()[0]}, {os.cpu_count()} cores")
     header = ["", *(f"c={c}" for c in cs)]
@@ -469,6 +476,19 @@ def main_reps(args: argparse.Namespace) -> int:
     ]
     rows += [
         [lib, *(reps_text(results.get((lib, c)), ideal_fifo(table, c)) for c in cs)] for lib in libs
+    ]
+
+    def against(lib: str, c: int) -> str:
+        ours, theirs = results.get(("threadpipe", c)), results.get((lib, c))
+        if isinstance(ours, list) and isinstance(theirs, list):
+            return paired(ours, theirs)
+        return "-"
+
+    # Repeat by repeat, for the libraries interleaved with threadpipe (``report.paired``).
+    rows += [
+        [f"threadpipe / {lib}", *(against(lib, c) for c in cs)]
+        for lib in together
+        if lib != "threadpipe" and "threadpipe" in together
     ]
     print_table(header, rows)
     return 0

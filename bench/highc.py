@@ -18,6 +18,10 @@ Besides the median over the repeats, which include the first one, the table show
 
 * ``fresh``: the first run in a fresh process (a child, as ``run.py`` times it), for the libraries
   run in this process;
+* ``threadpipe / it``: threadpipe's time over the row's, repeat by repeat, median, and in how many
+  repeats threadpipe was the faster (``report.paired``): the two runs of a repeat ran back to back
+  under the same load, so this is the column that says whether threadpipe is *ahead* of a peer
+  when the machine's noise moves both medians by more than the gap between them;
 * ``floor``: the ideal schedule replayed by 3c threads started in advance, one per slot, that do
   nothing but sleep until the end of each of their calls: one wake-up per call, no queue, no
   hand-off, no thread start. Its ratio to the ideal schedule is what waking that many sleeping threads costs
@@ -47,6 +51,7 @@ from typing import Any
 
 from harness import ErrorLog, Outcome, run_child
 from peers import PEERS
+from report import paired
 from sysinfo import format_info, machine_info
 from workloads import SEED, Table, ideal_fifo, lower_bound, sleep_stages, uniform_table
 
@@ -288,7 +293,8 @@ def main(argv: list[str]) -> int:
     print(
         "ratio = wall / ideal FIFO schedule: median (min-max) over the repeats; fresh = first run"
         " in a fresh process;\nCPU and csw (voluntary + involuntary context switches) of the whole"
-        " process per stage call, medians."
+        " process per stage call, medians;\nthreadpipe / it = threadpipe's wall time over the row's"
+        " in the same repeat, median, and in how many repeats threadpipe was faster."
     )
     for c in cs:
         ideal = ideal_fifo(table, c)
@@ -298,8 +304,16 @@ def main(argv: list[str]) -> int:
         )
         print(
             f"{'library':12s} {'ratio to ideal':>22s} {'fresh':>7s} {'CPU us/call':>12s}"
-            f" {'csw/call':>9s}"
+            f" {'csw/call':>9s} {'threadpipe / it':>16s}"
         )
+        ours = [s.seconds for s in samples.get(("threadpipe", c), [])]
+
+        def against(runs: Sequence[Sample], name: str) -> str:
+            """threadpipe's time over this row's, repeat by repeat (``report.paired``)."""
+            if not ours or name == "threadpipe":
+                return ""
+            return paired(ours, [r.seconds for r in runs])
+
         for lib in libs:
             if lib in local:
                 runs = samples[(lib, c)]
@@ -314,7 +328,10 @@ def main(argv: list[str]) -> int:
                 )
                 cpu = statistics.median(s.cpu for s in runs) / calls * 1e6
                 csw = statistics.median(s.voluntary + s.involuntary for s in runs) / calls
-                print(f"{lib:12s} {ratio:>22s} {first_cell:>7s} {cpu:12.0f} {csw:9.1f}")
+                print(
+                    f"{lib:12s} {ratio:>22s} {first_cell:>7s} {cpu:12.0f} {csw:9.1f}"
+                    f" {against(runs, lib):>16s}"
+                )
             else:
                 outcome = children[(lib, c)]
                 cell = (
@@ -333,7 +350,7 @@ def main(argv: list[str]) -> int:
                 csw = statistics.median(r.voluntary + r.involuntary for r in runs) / calls
                 print(
                     f"{name:12s} {spread([r.seconds / ideal for r in runs]):>22s} {'':>7s}"
-                    f" {cpu:12.0f} {csw:9.1f}   ({what})"
+                    f" {cpu:12.0f} {csw:9.1f} {against(runs, name):>16s}   ({what})"
                 )
     return 0
 

@@ -50,6 +50,21 @@ def format_table(section: Section) -> str:
     return "\n".join(out)
 
 
+def paired(ours: Sequence[float], theirs: Sequence[float]) -> str:
+    """``ours`` against ``theirs``, repeat by repeat: the median of ``ours[i] / theirs[i]`` and in
+    how many repeats ours was the faster, as ``0.93x 4/5``.
+
+    Both lists must come from the same interleaved repeats (repeat i of each ran back to back), so
+    each ratio compares two runs under the same load: the machine's noise, which moves the medians
+    of both from one hour to the next, mostly cancels in it. A library is *ahead* when its ratio is
+    under 1 in most repeats, not when its median time happens to be lower in one table.
+    """
+    ratios = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+    middle = len(ratios) // 2
+    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return f"{median:.2f}x {sum(r < 1 for r in ratios)}/{len(ratios)}"
+
+
 def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
     """Writes records as CSV, columns in first-seen order."""
     columns: dict[str, None] = {}
