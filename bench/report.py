@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +60,8 @@ def paired(ours: Sequence[float], theirs: Sequence[float]) -> str:
     of both from one hour to the next, mostly cancels in it. A library is *ahead* when its ratio is
     under 1 in most repeats, not when its median time happens to be lower in one table.
     """
-    ratios = sorted(a / b for a, b in zip(ours, theirs, strict=True))
-    middle = len(ratios) // 2
-    median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
-    return f"{median:.2f}x {sum(r < 1 for r in ratios)}/{len(ratios)}"
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    return f"{statistics.median(ratios):.2f}x {sum(r < 1 for r in ratios)}/{len(ratios)}"
 
 
 def write_csv(path: Path, records: list[dict[str, Any]]) -> None:
