@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from threadpipe import Pipeline, RunStateError, SourceConsumedError
+from threadpipe._loopchannel import LoopChannel
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10  # seconds any single wait may take before the test fails instead of hanging
@@ -256,6 +258,51 @@ def test_a_full_downstream_buffer_does_not_freeze_the_loop() -> None:
     assert done.reach(4), "a call could not finish while a put waited for room: the loop is blocked"
     release.set()
     assert sorted(run) == list(range(20))
+
+
+@pytest.mark.parametrize("reader", ["caller", "thread stage", "ordered into the caller"])
+@pytest.mark.parametrize("workers", [4, 16, 64])
+def test_fast_coroutine_stages_hand_items_to_a_thread_without_a_wait_per_item(
+    reader: str, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A busy loop keeps the thread that reads its output from the interpreter lock (it lets go
+    # and takes it back on every turn), so the buffer between them filled, and from then on every
+    # coroutine waited on a future for room for its item: 0.1 to 0.9 such waits per item here,
+    # two to three times the loop's work per item. The loop now lets the reader run once the
+    # buffer is full (``LoopChannel._yield_to_reader``). Counted: the writers that waited on a
+    # future for room, in the buffers threads read.
+    n = 3000
+    waits = [0]
+
+    class CountedWaits(deque[Any]):
+        def append(self, waiter: Any) -> None:
+            waits[0] += 1
+            super().append(waiter)
+
+    made = LoopChannel.__init__
+
+    def counted(self: LoopChannel, *args: Any, **kwargs: Any) -> None:
+        made(self, *args, **kwargs)
+        if type(self) is LoopChannel:  # not a LoopLink: its reader is on the loop
+            self._room = CountedWaits()
+
+    monkeypatch.setattr(LoopChannel, "__init__", counted)
+
+    async def step(x: int) -> int:
+        await asyncio.sleep(0)  # one turn of the loop, as an awaited call that returns at once
+        return x
+
+    ordered = reader.startswith("ordered")
+    pipeline = (
+        Pipeline.from_iter(range(n))
+        .map(step, workers=workers, ordered=ordered)
+        .map(step, workers=workers, ordered=ordered)
+    )
+    if reader == "thread stage":
+        pipeline = pipeline.map(lambda x: x, workers=4, ordered=False)
+    outputs = list(pipeline)
+    assert (outputs if ordered else sorted(outputs)) == list(range(n))
+    assert waits[0] < n // 10, f"{waits[0]} waits for room for {n} items"
 
 
 def test_coroutine_and_thread_stages_mix() -> None:

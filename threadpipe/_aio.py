@@ -25,7 +25,9 @@ A stage whose function is a coroutine function runs its calls on an event loop, 
   puts its items into the first buffer.
 * :class:`AsyncOutput`: ``async for`` over a run, from the caller's own event loop.
 
-The loop never blocks on a buffer: a thread blocks, a task awaits. Threads reach the loop only
+The loop never blocks on a buffer: a thread blocks, a task awaits. (One bounded exception: a full
+buffer whose reader thread the busy loop keeps from the interpreter lock, see
+``LoopChannel._yield_to_reader``.) Threads reach the loop only
 through ``call_soon_threadsafe`` (coroutine objects are made on the loop, never in a thread, so none
 is ever left un-awaited), and the loop reaches threads only through short critical sections on
 ``threading`` locks and conditions, never a wait. No thread touches an asyncio object of a loop it
@@ -49,7 +51,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 from ._calls import RateLimiter, attempts_async, handle, open_resource_async
-from ._channel import Channel
+from ._channel import END, Channel
 from ._coroutine import ASYNC_GEN
 from ._errors import SourceConsumedError, describe
 from ._loopchannel import LoopChannel, LoopLink
@@ -902,13 +904,12 @@ class CoroutineStage(Runtime):
         if not self._pulling or self._closed:  # plain reads: a stop that races is seen below
             return None
         try:
-            got = self.inp.take(1)  # type: ignore[attr-defined]
+            got: tuple[int, Any] | None = self.inp.take_one()  # type: ignore[attr-defined]
         except Cancelled:
             return None
         if got is None:
             return None
-        items, number = got
-        if not items:
+        if got[1] is END:
             self._stop_pulling(True)
             return None
         if not holding:
@@ -917,7 +918,7 @@ class CoroutineStage(Runtime):
         self._running += 1
         if self._running > (self.peak or 0):
             self.peak = self._running
-        return number, items[0]
+        return got
 
     def _failed(self, exc: BaseException, item: Any) -> None:
         self.counters[0].errors += 1

@@ -10,7 +10,9 @@ any thread) with a loop-native writing end:
   writer ``await``\\ s :meth:`LoopChannel.put_async`, which suspends the writing task on a future
   while the buffer is full; the reader that makes room (down to half, as ``Channel`` batches its
   wake-ups) has the loop resolve it. So the loop hands items straight to the threads, with no
-  emitter thread in between.
+  emitter thread in between. One exception to "never block", bounded: a buffer that fills while
+  its reader thread is kept from running by the loop itself (see ``_yield_to_reader``) has the
+  loop thread wait for room once, at most a switch interval, instead.
 * :class:`LoopLink`, read on the loop too (by the next coroutine stage): the reader does not wait
   at all. It registers ``on_items``, which the buffer calls on the loop whenever items or the end
   arrive, and takes what its permits allow with :meth:`LoopLink.take`. Items between two coroutine
@@ -24,6 +26,7 @@ loop, they would freeze it. Threads only read a buffer's size (under ``mutex``),
 from __future__ import annotations
 
 import asyncio
+import sys
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -61,6 +64,11 @@ class LoopChannel(Channel):
         # Under ``mutex``: a writer waits for room (a reader in a thread reads this to know it
         # must have the loop wake it).
         self._writer_waits = False
+        # Loop thread only: see ``_yield_to_reader``. Whether the loop thread waited for room
+        # since the last put that found room, and whether the last such wait was ended by the
+        # reader (not by its timeout).
+        self._yielded = False
+        self._yield_helps = True
 
     def __repr__(self) -> str:
         aborted = " aborted" if self.aborted else ""
@@ -83,6 +91,8 @@ class LoopChannel(Channel):
                     raise Cancelled
                 q = self.queue
                 room = self.maxsize - len(q)
+                if room <= 0 and self._yield_to_reader():
+                    continue
                 if room <= 0:
                     aio = self._aio()
                     if aio is None:  # the loop is gone: nobody would wake this writer
@@ -94,6 +104,7 @@ class LoopChannel(Channel):
                     # As ``Channel.put_many``: wake idle readers, or tell a stage that can grow
                     # that items pile up with nobody idle to take them.
                     waiter = None
+                    self._yielded = False
                     added = self._append(items, done, room)
                     done += added
                     starved = self._pile_up(added)
@@ -110,6 +121,36 @@ class LoopChannel(Channel):
                 self._starved()
             self._told()
 
+    def _yield_to_reader(self) -> bool:
+        """Under ``mutex``, the buffer full: let a reader thread the loop keeps from running make
+        room, with the loop thread waiting for it here; return whether it waited.
+
+        A thread that wants the interpreter lock asks its holder to let go only after waiting a
+        switch interval for it, and the loop lets go and takes it back on every turn (to poll), which
+        starts that wait over: a busy loop keeps a reader thread from running for as long as it has
+        work. Its buffer fills, and then every writer waits on a future and is woken for its
+        item: a future, a wake-up and a retry per item, which made fast coroutine stages feeding a
+        thread two to three times slower per item than with a buffer that never fills.
+        Waiting here instead (on ``not_full``, as a thread writer does) lets go of the lock until
+        the reader has taken the buffer down to half.
+
+        Once per filling (``_yielded``), at most one switch interval, and only when it can help:
+        a reader was told of items and has not come for them (``idle_getters``; it is waiting for
+        the lock), or the last wait was ended by the reader. A reader busy in a call that does not
+        need the lock (I/O) lets the wait time out, and the writers then wait on futures as
+        before, so a slow reader costs the loop one switch interval, not one per item.
+        A ``LoopLink``'s reader is on the loop: never.
+        """
+        if self._room or self._yielded or not (self.idle_getters or self._yield_helps):
+            return False
+        self._yielded = True
+        self.idle_putters += 1
+        try:
+            self._yield_helps = self.not_full.wait(sys.getswitchinterval())
+        finally:
+            self.idle_putters -= 1
+        return True
+
     def put_now(self, items: list[Any]) -> bool:
         """On the loop: append all of ``items`` if they fit now, else none; never waits.
 
@@ -117,12 +158,19 @@ class LoopChannel(Channel):
             Cancelled: the channel was aborted.
         """
         n = len(items)
+        q = self.queue
         with self.mutex:
             if self.aborted:
                 raise Cancelled
-            if self._room or len(self.queue) + n > self.maxsize:
+            if self._room or len(q) + n > self.maxsize:
                 return False  # no room, or writers wait for it already: they go first
-            starved = self._pile_up(self._append(items, 0, n))
+            q.extend(items)
+            # ``_pile_up``, inlined: this is every unordered coroutine call's put.
+            if self.idle_getters:
+                self.not_empty.notify(n)
+                starved = False
+            else:
+                starved = len(q) > n
         if starved:
             self._starved()
         self._told()
@@ -184,6 +232,7 @@ class LoopLink(LoopChannel):
         # Under ``mutex``: the reader found items it was not allowed to take yet (an ordered
         # stage's window); ``raise_limit`` calls it again.
         self._held_back = False
+        self._yield_helps = False  # the reader is on the loop: waiting for it would freeze both
 
     get_many = Channel._refuse
 
@@ -214,6 +263,38 @@ class LoopLink(LoopChannel):
         if wake:
             self._wake_writers()
         return got
+
+    def take_one(self) -> tuple[int, Any] | None:
+        """On the loop: ``take(1)`` for a reader that takes items one by one (a passing stage's
+        worker, see ``CoroutineStage._take_one``), with no list made.
+
+        Returns:
+            None when there is nothing to take now; ``(number, END)`` when the end is at the head
+            (it stays there); else ``(number, item)``.
+
+        Raises:
+            Cancelled: the channel was aborted.
+        """
+        q = self.queue
+        with self.mutex:
+            if self.aborted:
+                raise Cancelled
+            if not q:
+                return None
+            number = self.taken
+            item = q[0]
+            if item is END:
+                return number, END
+            limit = self.limit
+            if limit is not None and number >= limit:
+                self._held_back = True
+                return None
+            q.popleft()
+            self.taken = number + 1
+            wake = bool(self._room) and self.maxsize - len(q) > self._woken
+        if wake:  # as in ``take``
+            self._wake_writers()
+        return number, item
 
     def waiting(self) -> tuple[int, bool]:
         """How many items wait to be taken, and whether the end is behind them (or alone)."""
