@@ -5,6 +5,7 @@ Usage::
     python bench/coroutine.py                     # c in 1, 8, 64, 256; every library
     python bench/coroutine.py --c 64,256 --libs threadpipe,asyncio
     python bench/coroutine.py --c 64,256 --reps 5 # interleaved in one process, median of 5
+    python bench/coroutine.py --overhead --reps 7 # per-item cost: calls that return at once
 
 N = 1000 items, 3 stages, durations uniform 5-10 ms from the headline's fixed seed, unordered, c
 coroutines in flight per stage. Every run happens in a fresh subprocess under a timeout, so an
@@ -23,6 +24,11 @@ and each cell is the median of the R runs with the min-max spread and the first 
 median of the ratios of their times, and in how many repeats threadpipe was the faster). pypeln and
 pyper run their R repeats in a child of their own each.
 
+With ``--overhead`` the stages do no waiting at all (``await asyncio.sleep(0)``, one turn of the
+loop, then the item), N = 20,000 items, and each cell is the median over the repeats of the
+microseconds per item per stage: what the libraries themselves cost per call, which the 5-10 ms
+sleeps hide until the loop is busy (at high c). Always interleaved (``--reps``, 7 by default).
+
 ``bench/run.py --only coroutine`` runs the same measurements as a section of the full benchmark.
 """
 
@@ -33,6 +39,7 @@ import asyncio
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -63,6 +70,22 @@ def async_sleep_stages(table: Table) -> list[AsyncStage]:
         return stage
 
     return [make(row) for row in table]
+
+
+OVERHEAD_ITEMS = 20_000
+
+
+async def step(item: int) -> int:
+    """The ``--overhead`` stage: one turn of the loop (an awaited call that returns at once)."""
+    await asyncio.sleep(0)
+    return item
+
+
+def workload_stages(work: str, n: int) -> list[AsyncStage]:
+    """The three stages of a workload: ``sleep`` (the headline durations) or ``overhead``."""
+    if work == "overhead":
+        return [step, step, step]
+    return async_sleep_stages(uniform_table(n))
 
 
 # ---------------------------------------------------------------------------------- runners
@@ -264,9 +287,11 @@ def measure(lib: str, c: int, n: int = N_ITEMS) -> Cell:
 INTERLEAVED = ("threadpipe", "asyncio", "streamable")
 
 
-def child_reps(libs: Sequence[str], cs: Sequence[int], n: int, reps: int) -> dict[str, Any]:
+def child_reps(
+    libs: Sequence[str], cs: Sequence[int], n: int, reps: int, work: str = "sleep"
+) -> dict[str, Any]:
     """``reps`` rounds in this process, each running every library at every c: the seconds of each."""
-    stages = async_sleep_stages(uniform_table(n))
+    stages = workload_stages(work, n)
     for lib in libs:
         for module in IMPORTS[lib]:
             importlib.import_module(module)
@@ -287,11 +312,14 @@ def child_reps(libs: Sequence[str], cs: Sequence[int], n: int, reps: int) -> dic
 
 
 def measure_reps(
-    libs: Sequence[str], cs: Sequence[int], reps: int, n: int = N_ITEMS
+    libs: Sequence[str], cs: Sequence[int], reps: int, n: int = N_ITEMS, work: str = "sleep"
 ) -> dict[tuple[str, int], list[float] | str]:
     """Run ``child_reps`` in a fresh interpreter; a failure or a timeout becomes every cell's text."""
-    table = uniform_table(n)
-    timeout = 30.0 + 6 * reps * len(libs) * sum(lower_bound(table, c) for c in cs)
+    if work == "overhead":  # 20,000 items at up to 100 us per item and stage, 6 times over
+        timeout = 30.0 + 6 * reps * len(libs) * len(cs) * n * 3 * 100e-6
+    else:
+        table = uniform_table(n)
+        timeout = 30.0 + 6 * reps * len(libs) * sum(lower_bound(table, c) for c in cs)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(REPO_ROOT), str(BENCH_DIR), env.get("PYTHONPATH")])
@@ -304,6 +332,7 @@ def measure_reps(
         ",".join(map(str, cs)),
         str(n),
         str(reps),
+        work,
     ]
     try:
         proc = subprocess.run(
@@ -379,22 +408,29 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--libs", default=",".join(RUNNERS), help=f"from {', '.join(RUNNERS)}")
     parser.add_argument("--c1-libs", default="threadpipe,asyncio", help="libraries also run at c=1")
     parser.add_argument("--reps", type=int, default=0, help="repeats, interleaved in one process")
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="stages that return at once: microseconds per item and stage (interleaved)",
+    )
     parser.add_argument("--child", nargs=3, metavar=("LIB", "C", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--child-reps", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child-reps", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_reps:
-        libs_, cs_, n_, reps_ = args.child_reps
+        libs_, cs_, n_, reps_, work_ = args.child_reps
         try:
             result = {
                 "status": "ok",
                 "times": child_reps(
-                    libs_.split(","), [int(c) for c in cs_.split(",")], int(n_), int(reps_)
+                    libs_.split(","), [int(c) for c in cs_.split(",")], int(n_), int(reps_), work_
                 ),
             }
         except Exception as exc:  # reported as table cells
             result = {"status": "error", "type": type(exc).__name__, "message": str(exc)}
         print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if args.overhead:
+        return main_overhead(args)
     if args.reps:
         return main_reps(args)
     if args.child:
@@ -485,6 +521,48 @@ def main_reps(args: argparse.Namespace) -> int:
         return "-"
 
     # Repeat by repeat, for the libraries interleaved with threadpipe (``report.paired``).
+    rows += [
+        [f"threadpipe / {lib}", *(against(lib, c) for c in cs)]
+        for lib in together
+        if lib != "threadpipe" and "threadpipe" in together
+    ]
+    print_table(header, rows)
+    return 0
+
+
+def main_overhead(args: argparse.Namespace) -> int:
+    """The ``--overhead`` table: microseconds per item and stage, median of the repeats."""
+    cs = [int(c) for c in args.c.split(",")]
+    libs = [lib for lib in args.libs.split(",") if lib]
+    reps = args.reps or 7
+    n = OVERHEAD_ITEMS
+    together = [lib for lib in libs if lib in INTERLEAVED]
+    results: dict[tuple[str, int], list[float] | str] = {}
+    if together:
+        results.update(measure_reps(together, cs, reps, n, "overhead"))
+    for lib in libs:
+        if lib not in INTERLEAVED:
+            results.update(measure_reps([lib], cs, reps, n, "overhead"))
+    print(f"1d. coroutine per-item cost: {n:,} items, 3 stages of `await asyncio.sleep(0)`, unordered,")
+    print(f"    c per stage; microseconds per item and stage, median of {reps} repeats (min-max);")
+    print(f"    interleaved in one process: {', '.join(together)}; others in a child each")
+    print(f"    python {sys.version.split()[0]}, {os.cpu_count()} cores")
+
+    def cell(lib: str, c: int) -> str:
+        times = results.get((lib, c))
+        if not isinstance(times, list):
+            return times or "-"
+        per = sorted(t / (3 * n) * 1e6 for t in times)
+        return f"{statistics.median(per):.2f} ({per[0]:.2f}-{per[-1]:.2f})"
+
+    def against(lib: str, c: int) -> str:
+        ours, theirs = results.get(("threadpipe", c)), results.get((lib, c))
+        if isinstance(ours, list) and isinstance(theirs, list):
+            return paired(ours, theirs)
+        return "-"
+
+    header = ["", *(f"c={c}" for c in cs)]
+    rows = [[lib, *(cell(lib, c) for c in cs)] for lib in libs]
     rows += [
         [f"threadpipe / {lib}", *(against(lib, c) for c in cs)]
         for lib in together
