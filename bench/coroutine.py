@@ -477,18 +477,48 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def measure_interleaved(
+    libs: Sequence[str], cs: Sequence[int], reps: int, n: int, work: str
+) -> tuple[list[str], dict[tuple[str, int], list[float] | str]]:
+    """The libraries that may be interleaved (``INTERLEAVED``) in one child, each other one in a
+    child of its own: the libraries interleaved, and every (library, c)'s times (or status)."""
+    together = [lib for lib in libs if lib in INTERLEAVED]
+    results: dict[tuple[str, int], list[float] | str] = {}
+    if together:
+        results.update(measure_reps(together, cs, reps, n, work))
+    for lib in libs:
+        if lib not in INTERLEAVED:
+            results.update(measure_reps([lib], cs, reps, n, work))
+    return together, results
+
+
+def paired_rows(
+    together: Sequence[str], cs: Sequence[int], results: dict[tuple[str, int], list[float] | str]
+) -> list[list[str]]:
+    """Rows ``threadpipe / X``, repeat by repeat (``report.paired``), for each library X
+    interleaved with threadpipe."""
+
+    def against(lib: str, c: int) -> str:
+        ours, theirs = results.get(("threadpipe", c)), results.get((lib, c))
+        if isinstance(ours, list) and isinstance(theirs, list):
+            return paired(ours, theirs)
+        return "-"
+
+    if "threadpipe" not in together:
+        return []
+    return [
+        [f"threadpipe / {lib}", *(against(lib, c) for c in cs)]
+        for lib in together
+        if lib != "threadpipe"
+    ]
+
+
 def main_reps(args: argparse.Namespace) -> int:
     """The ``--reps`` table: ratios to the ideal FIFO schedule, median of the repeats."""
     cs = [int(c) for c in args.c.split(",")]
     libs = [lib for lib in args.libs.split(",") if lib]
     table = uniform_table(N_ITEMS)
-    together = [lib for lib in libs if lib in INTERLEAVED]
-    results: dict[tuple[str, int], list[float] | str] = {}
-    if together:
-        results.update(measure_reps(together, cs, args.reps))
-    for lib in libs:
-        if lib not in INTERLEAVED:
-            results.update(measure_reps([lib], cs, args.reps))
+    together, results = measure_interleaved(libs, cs, args.reps, N_ITEMS, "sleep")
     print(
         f"1c. coroutine variant, {args.reps} repeats interleaved in one process ({', '.join(together)};"
     )
@@ -513,20 +543,7 @@ def main_reps(args: argparse.Namespace) -> int:
     rows += [
         [lib, *(reps_text(results.get((lib, c)), ideal_fifo(table, c)) for c in cs)] for lib in libs
     ]
-
-    def against(lib: str, c: int) -> str:
-        ours, theirs = results.get(("threadpipe", c)), results.get((lib, c))
-        if isinstance(ours, list) and isinstance(theirs, list):
-            return paired(ours, theirs)
-        return "-"
-
-    # Repeat by repeat, for the libraries interleaved with threadpipe (``report.paired``).
-    rows += [
-        [f"threadpipe / {lib}", *(against(lib, c) for c in cs)]
-        for lib in together
-        if lib != "threadpipe" and "threadpipe" in together
-    ]
-    print_table(header, rows)
+    print_table(header, rows + paired_rows(together, cs, results))
     return 0
 
 
@@ -536,13 +553,7 @@ def main_overhead(args: argparse.Namespace) -> int:
     libs = [lib for lib in args.libs.split(",") if lib]
     reps = args.reps or 7
     n = OVERHEAD_ITEMS
-    together = [lib for lib in libs if lib in INTERLEAVED]
-    results: dict[tuple[str, int], list[float] | str] = {}
-    if together:
-        results.update(measure_reps(together, cs, reps, n, "overhead"))
-    for lib in libs:
-        if lib not in INTERLEAVED:
-            results.update(measure_reps([lib], cs, reps, n, "overhead"))
+    together, results = measure_interleaved(libs, cs, reps, n, "overhead")
     print(f"1d. coroutine per-item cost: {n:,} items, 3 stages of `await asyncio.sleep(0)`, unordered,")
     print(f"    c per stage; microseconds per item and stage, median of {reps} repeats (min-max);")
     print(f"    interleaved in one process: {', '.join(together)}; others in a child each")
@@ -555,20 +566,9 @@ def main_overhead(args: argparse.Namespace) -> int:
         per = sorted(t / (3 * n) * 1e6 for t in times)
         return f"{statistics.median(per):.2f} ({per[0]:.2f}-{per[-1]:.2f})"
 
-    def against(lib: str, c: int) -> str:
-        ours, theirs = results.get(("threadpipe", c)), results.get((lib, c))
-        if isinstance(ours, list) and isinstance(theirs, list):
-            return paired(ours, theirs)
-        return "-"
-
     header = ["", *(f"c={c}" for c in cs)]
     rows = [[lib, *(cell(lib, c) for c in cs)] for lib in libs]
-    rows += [
-        [f"threadpipe / {lib}", *(against(lib, c) for c in cs)]
-        for lib in together
-        if lib != "threadpipe" and "threadpipe" in together
-    ]
-    print_table(header, rows)
+    print_table(header, rows + paired_rows(together, cs, results))
     return 0
 
 
