@@ -305,6 +305,39 @@ def test_fast_coroutine_stages_hand_items_to_a_thread_without_a_wait_per_item(
     assert waits[0] < n // 10, f"{waits[0]} waits for room for {n} items"
 
 
+def test_a_reader_thread_slower_than_a_switch_interval_is_waited_for_at_few_fillings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The other side of the test above: a reader thread whose calls take longer than a switch
+    # interval (5 ms) and do not need the interpreter lock (I/O) cannot be helped by the loop
+    # waiting for it: every wait times out. The fillings after one go by without a wait, more of
+    # them each time (1, 2, 4 ...): a few waits for the whole run, not one a filling (one filling
+    # per item read here).
+    n = 30
+    waited = [0]
+    yield_to_reader = LoopChannel._yield_to_reader
+
+    def counted(self: LoopChannel) -> bool:
+        did = yield_to_reader(self)
+        waited[0] += did
+        return did
+
+    monkeypatch.setattr(LoopChannel, "_yield_to_reader", counted)
+    assert sys.getswitchinterval() <= 0.005
+
+    async def fast(x: int) -> int:
+        return x
+
+    def slow(x: int) -> int:
+        threading.Event().wait(0.015)  # stands for I/O: the lock is let go meanwhile
+        return x
+
+    # One writer: it finds the buffer full at every filling, with no other writer waiting.
+    pipeline = Pipeline.from_iter(range(n)).map(fast).backpressure(1).map(slow)
+    assert list(pipeline) == list(range(n))
+    assert 1 <= waited[0] <= 8, f"the loop waited for its reader at {waited[0]} of ~{n} fillings"
+
+
 def test_coroutine_and_thread_stages_mix() -> None:
     async def fetch(x: int) -> str:
         await asyncio.sleep(0.001)  # stands for I/O

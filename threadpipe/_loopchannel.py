@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 __all__ = ["LoopChannel", "LoopLink"]
 
 
+# The most fillings of a LoopChannel that go by without the loop waiting for its reader, after
+# waits the reader did not end (see ``LoopChannel._yield_to_reader``).
+_YIELD_BACKOFF = 64
+
+
 class LoopChannel(Channel):
     """A bounded FIFO written on the run's loop ``aio`` and read by threads.
 
@@ -65,10 +70,11 @@ class LoopChannel(Channel):
         # must have the loop wake it).
         self._writer_waits = False
         # Loop thread only: see ``_yield_to_reader``. Whether the loop thread waited for room
-        # since the last put that found room, and whether the last such wait was ended by the
-        # reader (not by its timeout).
+        # since the last put that found room; after waits that the reader did not end, how many
+        # fillings to let pass without one, and how many the next such wait will make it.
         self._yielded = False
-        self._yield_helps = True
+        self._yield_skip = 0
+        self._yield_backoff = 1
 
     def __repr__(self) -> str:
         aborted = " aborted" if self.aborted else ""
@@ -134,21 +140,31 @@ class LoopChannel(Channel):
         Waiting here instead (on ``not_full``, as a thread writer does) lets go of the lock until
         the reader has taken the buffer down to half.
 
-        Once per filling (``_yielded``), at most one switch interval, and only when it can help:
-        a reader was told of items and has not come for them (``idle_getters``; it is waiting for
-        the lock), or the last wait was ended by the reader. A reader busy in a call that does not
-        need the lock (I/O) lets the wait time out, and the writers then wait on futures as
-        before, so a slow reader costs the loop one switch interval, not one per item.
-        A ``LoopLink``'s reader is on the loop: never.
+        Once per filling (``_yielded``), for at most one switch interval. A reader busy in a call
+        that does not need the lock (I/O) lets the wait time out; the writers then wait on futures
+        as before, and the fillings after such a wait go by without one, 1, 2, 4 ... up to 64 of
+        them (reset by a wait the reader ends), so a slow reader costs the loop a switch interval
+        every 64 fillings at most, never one per item. A reader told of items that has not come
+        for them (``idle_getters``: it waits for the lock) is always waited for. A ``LoopLink``'s
+        reader is on the loop: never (its writers are never told ``idle_getters``, and skip
+        every filling).
         """
-        if self._room or self._yielded or not (self.idle_getters or self._yield_helps):
+        if self._room or self._yielded:
+            return False
+        if self._yield_skip and not self.idle_getters:
+            self._yield_skip -= 1
             return False
         self._yielded = True
         self.idle_putters += 1
         try:
-            self._yield_helps = self.not_full.wait(sys.getswitchinterval())
+            came = self.not_full.wait(sys.getswitchinterval())
         finally:
             self.idle_putters -= 1
+        if came:
+            self._yield_backoff = 1
+        else:
+            self._yield_skip = self._yield_backoff
+            self._yield_backoff = min(2 * self._yield_backoff, _YIELD_BACKOFF)
         return True
 
     def put_now(self, items: list[Any]) -> bool:
@@ -232,7 +248,8 @@ class LoopLink(LoopChannel):
         # Under ``mutex``: the reader found items it was not allowed to take yet (an ordered
         # stage's window); ``raise_limit`` calls it again.
         self._held_back = False
-        self._yield_helps = False  # the reader is on the loop: waiting for it would freeze both
+        # The reader is on the loop: waiting for it would freeze both. No filling is waited for.
+        self._yield_skip = sys.maxsize
 
     get_many = Channel._refuse
 
