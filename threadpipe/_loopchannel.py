@@ -146,8 +146,7 @@ class LoopChannel(Channel):
         them (reset by a wait the reader ends), so a slow reader costs the loop a switch interval
         every 64 fillings at most, never one per item. A reader told of items that has not come
         for them (``idle_getters``: it waits for the lock) is always waited for. A ``LoopLink``'s
-        reader is on the loop: never (its writers are never told ``idle_getters``, and skip
-        every filling).
+        reader is on the loop: never (see there).
         """
         if self._room or self._yielded:
             return False
@@ -174,19 +173,13 @@ class LoopChannel(Channel):
             Cancelled: the channel was aborted.
         """
         n = len(items)
-        q = self.queue
         with self.mutex:
             if self.aborted:
                 raise Cancelled
-            if self._room or len(q) + n > self.maxsize:
+            if self._room or len(self.queue) + n > self.maxsize:
                 return False  # no room, or writers wait for it already: they go first
-            q.extend(items)
-            # ``_pile_up``, inlined: this is every unordered coroutine call's put.
-            if self.idle_getters:
-                self.not_empty.notify(n)
-                starved = False
-            else:
-                starved = len(q) > n
+            self.queue.extend(items)  # all of them fit: no ``_append`` to split them
+            starved = self._pile_up(n)
         if starved:
             self._starved()
         self._told()
@@ -248,10 +241,12 @@ class LoopLink(LoopChannel):
         # Under ``mutex``: the reader found items it was not allowed to take yet (an ordered
         # stage's window); ``raise_limit`` calls it again.
         self._held_back = False
-        # The reader is on the loop: waiting for it would freeze both. No filling is waited for.
-        self._yield_skip = sys.maxsize
 
     get_many = Channel._refuse
+
+    def _yield_to_reader(self) -> bool:
+        """Never: the reader is on the loop, and the loop waiting for it would freeze both."""
+        return False
 
     def take(self, max_items: int) -> tuple[list[Any], int] | None:
         """On the loop: take up to ``max_items`` items that are there, without waiting.
