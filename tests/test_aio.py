@@ -26,7 +26,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from threadpipe import Pipeline, RunStateError, SourceConsumedError
-from threadpipe._loopchannel import LoopChannel
+from threadpipe._aio import LoopThread
+from threadpipe._channel import END
+from threadpipe._loopchannel import LoopChannel, LoopLink
+from threadpipe._run import RunState
+from threadpipe._scope import Cancelled
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT = 10  # seconds any single wait may take before the test fails instead of hanging
@@ -1070,6 +1074,143 @@ def test_adjacent_coroutine_stages_hand_items_on_the_loop_with_no_thread_between
     threaded = source == "generator"
     assert names <= ({"threadpipe-source-0", "threadpipe-a-0"} if threaded else set()), names
     assert [s.spawned for s in run.stats()] == [int(threaded), 0, 0]
+
+
+@pytest.mark.parametrize("change", ["abort", "put_end"])
+def test_a_buffer_on_the_loop_changed_by_another_thread_while_the_loop_uses_it_stays_whole(
+    change: str,
+) -> None:
+    # A LoopLink is changed by the loop alone, without a lock: what another thread does to it
+    # (abort, put_end) is handed to the loop. Here the loop puts and takes (abort) or takes (the
+    # end, once every item is put) as fast as it can while the test thread makes the change, at
+    # a switch interval of a microsecond, many times over: an abort ends the churn with Cancelled
+    # and leaves the buffer empty, and the end arrives behind every item, in order, and stays.
+    state = RunState()
+    aio = LoopThread(state)
+    aio.hold()
+    aio.start()
+    errors: list[BaseException] = []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(200):
+            link = LoopLink(8, "link", aio)
+            busy, over = threading.Event(), threading.Event()
+            seen: list[Any] = []
+
+            async def churn(link: LoopLink = link, seen: list[Any] = seen) -> None:
+                # On the loop, a turn of the loop every 50 rounds, where what was handed to it
+                # is done. Aborting: put three and take them back, until aborted. Ending: put
+                # six, then take until the end comes.
+                try:
+                    if change == "put_end":
+                        link.put_now([0, 1, 2])
+                        link.put_now([3, 4, 5])
+                    while True:
+                        for _ in range(50):
+                            if change == "abort":
+                                link.put_now([0, 1, 2])
+                            busy.set()
+                            while (got := link.take_one()) is not None:
+                                seen.append(got[1])
+                                if got[1] is END:
+                                    return
+                        await asyncio.sleep(0)
+                except Cancelled:
+                    pass
+                except BaseException as exc:  # the failure this test looks for
+                    errors.append(exc)
+                finally:
+                    over.set()
+
+            tasks: list[asyncio.Task[None]] = []  # the loop holds its tasks weakly
+            assert aio.call_soon(lambda churn=churn: tasks.append(aio.here().create_task(churn())))
+            assert busy.wait(WAIT)
+            if change == "abort":
+                link.abort()
+            else:
+                link.put_end()
+            assert over.wait(WAIT)
+            flushed = threading.Event()
+            assert aio.call_soon(flushed.set)  # what the change handed to the loop is done
+            assert flushed.wait(WAIT)
+            if change == "abort":
+                assert link.qsize() == 0
+                with pytest.raises(Cancelled):
+                    link.put_now([3])
+            else:
+                assert seen == [0, 1, 2, 3, 4, 5, END]
+                assert list(link.queue) == [END]  # it stays, for every reader to see
+    finally:
+        sys.setswitchinterval(old)
+        aio.release()
+    for thread in loop_threads():
+        thread.join(WAIT)
+    assert not errors, errors
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stages=st.integers(2, 4),
+    workers=st.sampled_from([1, 3, 64]),
+    ordered=st.booleans(),
+    source=st.sampled_from(sorted(_SOURCES)),
+    stop_at=st.one_of(st.none(), st.integers(0, 400)),
+)
+def test_threads_that_read_end_or_cancel_the_buffers_on_the_loop_never_break_it(
+    stages: int, workers: int, ordered: bool, source: str, stop_at: int | None
+) -> None:
+    # The buffers between coroutine stages are changed by the loop alone, without a lock; other
+    # threads read their fill (statistics), end them (a writer's last thread) and abort them (a
+    # cancel), at any point of the loop's puts and takes. Here another thread reads statistics
+    # all along, at a switch interval of a microsecond, and the caller cancels after ``stop_at``
+    # outputs: the reads never fail, a cancel loses nothing but what it drops, the buffers are
+    # empty once it has, and a run left alone gives every output.
+    n = 600
+    pipeline = _SOURCES[source](n)
+    for index in range(stages):
+        pipeline = pipeline.map(double, workers=workers, ordered=ordered, name=f"s{index}")
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read_stats(run: Any) -> None:
+        try:
+            while not done.is_set():
+                run.stats()
+        except BaseException as exc:  # the failure this test looks for
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        run = pipeline.start()
+        reader = threading.Thread(target=read_stats, args=(run,))
+        reader.start()
+        try:
+            out = []
+            for x in run:
+                if stop_at is not None and len(out) == stop_at:
+                    run.cancel()
+                    break
+                out.append(x)
+            run.join(WAIT)
+        finally:
+            done.set()
+            reader.join(WAIT)
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors
+    factor = 2**stages
+    if stop_at is None or stop_at >= n:
+        assert run.exception is None and not run.cancelled
+        expected = [factor * x for x in range(n)]
+        assert out == expected if ordered else sorted(out) == expected
+    else:
+        assert run.cancelled and run.exception is None
+        assert len(out) == stop_at
+        assert set(out) <= {factor * x for x in range(n)}
+        assert all(channel.qsize() == 0 for channel in run._state.channels)
+    assert not loop_threads()
 
 
 @pytest.mark.parametrize("failing", [0, 1, 2])

@@ -176,18 +176,23 @@ class LoopThread:
             return False
         return True
 
-    def call_if_running(self, callback: Callable[[], None]) -> None:
+    def call_if_running(self, callback: Callable[[], None]) -> bool:
         """Have the loop call ``callback()`` if it runs; never waits (for a cancel's use).
 
         A loop not made yet has no tasks to cancel, and its users check their scope before they
         create any.
+
+        Returns:
+            Whether the callback went to the loop: False when there is no loop yet, or no more.
         """
         loop = self.loop
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(callback)
-            except RuntimeError:  # "Event loop is closed"
-                pass
+        if loop is None:
+            return False
+        try:
+            loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # "Event loop is closed"
+            return False
+        return True
 
     # ------------------------------------------------------------------ the loop thread
 

@@ -279,7 +279,8 @@ class Channel(queue.Queue[Any]):
         return got
 
     def _take_now(self, max_items: int, share: int = 1) -> tuple[list[Any], int] | None:
-        """Under ``mutex``, with items or the end waiting: the take step of every reader.
+        """Under ``mutex`` (a ``LoopLink``: on the loop), with items or the end waiting: the take
+        step of every reader.
 
         Takes up to ``max_items`` items, no more than a ``1/share`` part of those waiting
         (rounded up), and, for an ordered reader, only those its window allows.

@@ -145,10 +145,14 @@ class Samples:
 def fill(channel: Channel) -> int:
     """Items in ``channel`` now, not counting the end-of-input sentinel."""
     # Under the channel's lock: the sentinel test reads the tail, which a getter may pop meanwhile.
+    # A buffer confined to the loop (``LoopLink``) changes without that lock: its tail may be gone.
     with channel.mutex:
         q = channel.queue
         n = len(q)
-        return n - 1 if n and q[-1] is END else n
+        try:
+            return n - 1 if n and q[-1] is END else n
+        except IndexError:
+            return 0
 
 
 def snapshot(stages: Sequence[Any], clock: Clock) -> tuple[StageStats, ...]:
