@@ -309,46 +309,6 @@ def test_fast_coroutine_stages_hand_items_to_a_thread_without_a_wait_per_item(
     assert waits[0] < n // 10, f"{waits[0]} waits for room for {n} items"
 
 
-@pytest.mark.parametrize("capacity", [8, 32])
-@pytest.mark.parametrize("ordered", [False, True])
-@pytest.mark.parametrize("source", ["list", "async-generator"])
-def test_a_writer_on_the_loop_waits_for_room_once_per_half_buffer_not_once_per_item(
-    capacity: int, ordered: bool, source: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Between a source (or a coroutine stage) and a coroutine stage that is slower, the buffer on
-    # the loop stays full and its writers wait for room. They were woken for every item taken,
-    # and each wake-up is a future, a step of the writer's task and a new look for room: the
-    # cost of a source a few items ahead of a busy first stage, per item. Now they are woken
-    # once the buffer is down to half, as thread writers are. Counted: the waits for room in the
-    # buffers read on the loop.
-    n = 2000
-    waits = [0]
-
-    class CountedWaits(deque[Any]):
-        def append(self, waiter: Any) -> None:
-            waits[0] += 1
-            super().append(waiter)
-
-    made = LoopLink.__init__
-
-    def counted(self: LoopLink, *args: Any, **kwargs: Any) -> None:
-        made(self, *args, **kwargs)
-        self._room = CountedWaits()
-
-    monkeypatch.setattr(LoopLink, "__init__", counted)
-    pipeline = (
-        _SOURCES[source](n)
-        .backpressure(capacity)
-        .map(double, workers=2, ordered=ordered)
-        .backpressure(capacity)
-        .map(double, workers=1, ordered=ordered)
-    )
-    outputs = list(pipeline)
-    assert (outputs if ordered else sorted(outputs)) == [4 * x for x in range(n)]
-    # Two buffers on the loop, each filled n / (capacity / 2) times at the most.
-    assert waits[0] <= 2 * n // (capacity // 2), f"{waits[0]} waits for room for {n} items"
-
-
 def test_a_reader_thread_slower_than_a_switch_interval_is_waited_for_at_few_fillings(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
