@@ -602,6 +602,24 @@ def plots_available(wanted: bool) -> bool:
     return True
 
 
+def provenance(machine: Path) -> dict[str, str]:
+    """Which run wrote each results file, as the ``machine.json`` there records it: its
+    ``results`` map, or, in one written before there was such a map, its one run for every CSV
+    and PNG of the directory."""
+    try:
+        recorded = json.loads(machine.read_text())
+    except (OSError, ValueError):
+        return {}
+    if "results" in recorded:
+        return dict(recorded["results"])
+    run = f"{recorded.get('date (UTC)', '?')}: {recorded.get('command', '?')}"
+    return {
+        path.name: run
+        for path in sorted(machine.parent.iterdir())
+        if path.suffix in (".csv", ".png")
+    }
+
+
 def main(argv: list[str]) -> int:
     """Runs the selected workloads and writes their results."""
     args = parse_args(argv)
@@ -617,14 +635,28 @@ def main(argv: list[str]) -> int:
     info = machine_info([PEERS[name].dist for name in libs], REPO_ROOT, ["bench/run.py", *argv])
     info["mode"] = "quick" if args.quick else "full"
     print(format_info(info) + "\n", flush=True)
-    (args.results / "machine.json").write_text(json.dumps(info, indent=2) + "\n")
+    machine = args.results / "machine.json"
+    # Which run wrote each file: a run of some workloads (``--only``) leaves the others' files,
+    # and what machine.json says of them, as they were.
+    produced = provenance(machine)
+    this_run = f"{info['date (UTC)']}: {info['command']}"
+
+    def record() -> None:
+        machine.write_text(
+            json.dumps({**info, "results": dict(sorted(produced.items()))}, indent=2) + "\n"
+        )
+
+    record()
     plots = plots_available(not args.no_plots)
     started = time.monotonic()
-    written: list[Path] = [args.results / "machine.json"]
+    written: list[Path] = [machine]
     for name in args.only:
         section = WORKLOADS[name](cfg)
         print(format_table(section) + "\n", flush=True)
-        written += save(section, args.results, plots)
+        files = save(section, args.results, plots)
+        produced.update((path.name, this_run) for path in files)
+        record()
+        written += files
     print(
         f"total {time.monotonic() - started:.0f} s; wrote"
         f" {', '.join(p.name for p in written)} to {args.results}"
