@@ -18,7 +18,8 @@ three stages to go, so at high c no FIFO pipeline can come near it; the ideal FI
 perfect implementation of the pattern would take.
 
 With ``--reps R`` the libraries that cannot hang (threadpipe, asyncio by hand, streamable) run in
-one child process, **interleaved** (repeat r runs every library at every c before repeat r + 1),
+one child process, **interleaved** (repeat r runs every library at every c before repeat r + 1, in an order
+rotated by one library each repeat),
 and each cell is the median of the R runs with the min-max spread and the first run apart; rows
 ``threadpipe / X`` compare threadpipe with each library interleaved with it repeat by repeat (the
 median of the ratios of their times, and in how many repeats threadpipe was the faster). pypeln and
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from report import paired
+from report import paired, rotated
 from workloads import SEED, Table, ideal_fifo, lower_bound, uniform_table
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -296,9 +297,9 @@ def child_reps(
         for module in IMPORTS[lib]:
             importlib.import_module(module)
     times: dict[str, list[float]] = {f"{lib} {c}": [] for lib in libs for c in cs}
-    for _ in range(reps):
+    for rep in range(reps):
         for c in cs:
-            for lib in libs:
+            for lib in rotated(libs, rep):
                 start = time.perf_counter()
                 count = total = 0
                 for item in RUNNERS[lib](stages, n, c):

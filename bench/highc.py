@@ -10,7 +10,7 @@ for the first time) into every figure and makes the machine's noise impossible t
 difference between libraries. This script is the comparison the targets of the "high
 concurrency" issue are stated in: the same durations (N = 1000, 3 stages, 5-10 ms, the headline's
 seed), every library in one process, **interleaved** (repeat r runs every library at every c before
-repeat r + 1 starts), the **median of the repeats** as the ratio to the ideal FIFO schedule, with
+repeat r + 1 starts, in an order rotated by one library each repeat), the **median of the repeats** as the ratio to the ideal FIFO schedule, with
 the spread (min-max) beside it. Per run it also reads the process's CPU time and context switches
 (``getrusage``), per stage call.
 
@@ -51,7 +51,7 @@ from typing import Any
 
 from harness import ErrorLog, Outcome, run_child
 from peers import PEERS
-from report import paired
+from report import paired, rotated
 from sysinfo import format_info, machine_info
 from workloads import SEED, Table, ideal_fifo, lower_bound, sleep_stages, uniform_table
 
@@ -267,7 +267,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     for rep in range(args.reps):
         for c in cs:
-            for lib in local:
+            for lib in rotated(local, rep):
                 samples.setdefault((lib, c), []).append(measured(library_run(lib, stages, c)))
             if not args.no_floor:
                 floors.setdefault(c, []).append(floor_run(table, c))

@@ -7,7 +7,9 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 Series = dict[str, list[tuple[float, float]]]
 
@@ -62,6 +64,17 @@ def paired(ours: Sequence[float], theirs: Sequence[float]) -> str:
     """
     ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
     return f"{statistics.median(ratios):.2f}x {sum(r < 1 for r in ratios)}/{len(ratios)}"
+
+
+def rotated(items: Sequence[T], turn: int) -> list[T]:
+    """``items`` in the order of repeat ``turn`` of an interleaved comparison: rotated by ``turn``,
+    so that over the repeats each runs first, second ... as often as the others. A run's place in
+    its repeat moves its time by a few percent on a shared machine; a fixed order would put that
+    into every ``paired`` ratio."""
+    if not items:
+        return []
+    shift = turn % len(items)
+    return [*items[shift:], *items[:shift]]
 
 
 def write_csv(path: Path, records: list[dict[str, Any]]) -> None:

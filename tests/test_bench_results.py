@@ -1,4 +1,5 @@
-"""bench/run.py records which run wrote each results file (docs/benchmarks.md says where to look)."""
+"""The benchmarks' own bookkeeping: which run wrote each results file (docs/benchmarks.md says
+where to look), and the order libraries run in within an interleaved repeat."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def test_a_results_map_is_kept_as_it_is_and_nothing_is_made_up_without_one(
     machine.write_text(json.dumps({"date (UTC)": "x", "command": "y", "results": results}))
     (tmp_path / "headline.csv").write_text("c\n")  # not written by a recorded run: not claimed
     assert run_module.provenance(machine) == results
+
+
+def test_interleaved_repeats_give_every_library_every_place_equally(run_module: Any) -> None:
+    # bench/highc.py and bench/coroutine.py --reps run the libraries of a repeat in this order:
+    # over any len(libs) repeats in a row, each library runs once in each place.
+    from report import rotated
+
+    libs = ["threadpipe", "handwritten", "executor", "streamable"]
+    for start in range(3):
+        orders = [rotated(libs, turn) for turn in range(start, start + len(libs))]
+        assert all(sorted(order) == sorted(libs) for order in orders)
+        for place in range(len(libs)):
+            assert sorted(order[place] for order in orders) == sorted(libs)
+    assert rotated([], 5) == []
