@@ -193,6 +193,9 @@ class Case:
     cancel_at: int | None
     slow: bool
     parts: list[str] = field(default_factory=list)
+    # Another thread reads ``run.stats()`` all along (statistics read buffers that the loop
+    # changes without a lock, and counters that workers write).
+    observed: bool = False
     source_error: InjectedError = field(default_factory=lambda: InjectedError("source fault"))
     body_error: InjectedError = field(default_factory=lambda: InjectedError("body fault"))
 
@@ -471,6 +474,7 @@ def case_st(draw: st.DrawFn) -> Case:
         raise_at=draw(st.one_of(st.none(), st.none(), optional)),
         cancel_at=draw(st.one_of(st.none(), st.none(), optional)),
         slow=draw(st.integers(0, 9)) == 0,
+        observed=draw(st.integers(0, 2)) == 0,
     )
 
 
@@ -657,47 +661,68 @@ def _check(case: Case, executor: Executor, feeds: Feeds) -> None:
 
     watcher = threading.Thread(target=watchdog, name="faults-watchdog")
     watcher.start()
+    observed = threading.Event()  # set once the run is joined: the observer stops
+    misread: list[BaseException] = []
+
+    def observe() -> None:
+        try:
+            while not observed.wait(0.0002):
+                run.stats()
+            run.stats()
+        except BaseException as exc:  # noqa: BLE001  # what this looks for
+            misread.append(exc)
+
+    observer: threading.Thread | None = None
+    if case.observed:
+        observer = threading.Thread(target=observe, name="faults-observer")
+        observer.start()
     try:
-        for x in run:
-            got.append(x)
-            if case.slow:
-                time.sleep(0.0002)  # a slow consumer: makes full buffers likely, decides nothing
-            if len(got) == case.cancel_at:
-                gate.set()
-            if len(got) == case.break_at:
-                break
-            if len(got) == case.raise_at:
-                raise case.body_error
-    except BaseException as exc:  # noqa: BLE001  # anything at all must be an injected object
-        raised = exc
-    finally:
-        consumed.set()
-        watcher.join()
-        if hung:
-            feeds.release()
-            pytest.fail(f"hang: no output and no end for {_HANG_SECONDS} s after {hung[0]} items: {case}")
-        gate.set()  # the canceller must end even if the consumer never reached its item
-        if feeds.withhold and raised is None and not (case.break_at is not None and len(got) == case.break_at):
-            # The run ended by its cut, with the queues' sentinels held back: a queue reader the
-            # cut did not stop keeps the run alive. Asked before cancel(), which would stop it.
-            try:
-                run.join(timeout=_QUEUE_READER_SECONDS)
-            except TimeoutError:
+        try:
+            for x in run:
+                got.append(x)
+                if case.slow:
+                    time.sleep(0.0002)  # a slow consumer: makes full buffers likely, decides nothing
+                if len(got) == case.cancel_at:
+                    gate.set()
+                if len(got) == case.break_at:
+                    break
+                if len(got) == case.raise_at:
+                    raise case.body_error
+        except BaseException as exc:  # noqa: BLE001  # anything at all must be an injected object
+            raised = exc
+        finally:
+            consumed.set()
+            watcher.join()
+            if hung:
                 feeds.release()
-                run.cancel()
-                pytest.fail(
-                    f"a queue reader cut off by take()/pipe() still runs {_QUEUE_READER_SECONDS} s "
-                    f"after the caller had the end: {case}"
-                )
-            except BaseException:  # noqa: BLE001, S110  # checked below, with join() again
-                pass
-        run.cancel()
-    try:
-        run.join(timeout=_HANG_SECONDS)
-    except TimeoutError:
-        pytest.fail(f"hang: run not done {_HANG_SECONDS} s after its consumer stopped: {case}")
-    except BaseException as exc:  # noqa: BLE001
-        joined = exc
+                pytest.fail(f"hang: no output and no end for {_HANG_SECONDS} s after {hung[0]} items: {case}")
+            gate.set()  # the canceller must end even if the consumer never reached its item
+            if feeds.withhold and raised is None and not (case.break_at is not None and len(got) == case.break_at):
+                # The run ended by its cut, with the queues' sentinels held back: a queue reader the
+                # cut did not stop keeps the run alive. Asked before cancel(), which would stop it.
+                try:
+                    run.join(timeout=_QUEUE_READER_SECONDS)
+                except TimeoutError:
+                    feeds.release()
+                    run.cancel()
+                    pytest.fail(
+                        f"a queue reader cut off by take()/pipe() still runs {_QUEUE_READER_SECONDS} s "
+                        f"after the caller had the end: {case}"
+                    )
+                except BaseException:  # noqa: BLE001, S110  # checked below, with join() again
+                    pass
+            run.cancel()
+        try:
+            run.join(timeout=_HANG_SECONDS)
+        except TimeoutError:
+            pytest.fail(f"hang: run not done {_HANG_SECONDS} s after its consumer stopped: {case}")
+        except BaseException as exc:  # noqa: BLE001
+            joined = exc
+    finally:
+        observed.set()  # also when a check above failed: the observer must not outlive the case
+    if observer is not None:
+        observer.join(_HANG_SECONDS)
+        assert not observer.is_alive() and not misread, f"statistics read failed {misread!r}: {case}"
     if canceller is not None:
         canceller.join(_HANG_SECONDS)
         assert not canceller.is_alive()
@@ -763,6 +788,7 @@ def _check(case: Case, executor: Executor, feeds: Feeds) -> None:
     OUTCOMES["source faults fired"] += source_fired
     OUTCOMES["body faults raised"] += consumer_fault
     OUTCOMES["cancelled from another thread"] += case.cancel_at is not None
+    OUTCOMES["statistics read from another thread"] += case.observed
     OUTCOMES["consumer broke"] += case.break_at is not None and len(got) == case.break_at
     OUTCOMES["injected exception reached the caller"] += any(
         _is_injected(outcome, injected, names) for outcome in (raised, joined) if outcome is not None
