@@ -10,9 +10,9 @@ for the first time) into every figure and makes the machine's noise impossible t
 difference between libraries. This script is the comparison the targets of the "high
 concurrency" issue are stated in: the same durations (N = 1000, 3 stages, 5-10 ms, the headline's
 seed), every library in one process, **interleaved** (repeat r runs every library at every c before
-repeat r + 1 starts, in an order rotated by one library each repeat), the **median of the repeats** as the ratio to the ideal FIFO schedule, with
-the spread (min-max) beside it. Per run it also reads the process's CPU time and context switches
-(``getrusage``), per stage call.
+repeat r + 1 starts, in an order rotated by one library each repeat), the **median of the
+repeats** as the ratio to the ideal FIFO schedule, with the spread (min-max) beside it. Per run
+it also reads the process's CPU time and context switches (``getrusage``), per stage call.
 
 Besides the median over the repeats, which include the first one, the table shows:
 

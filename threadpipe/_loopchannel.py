@@ -183,8 +183,7 @@ class LoopChannel(Channel):
             starved = self._pile_up(n)
         if starved:
             self._starved()
-        self._told()
-        return True
+        return True  # read by threads: no reader on the loop to tell (``LoopLink.put_now``)
 
     def get_many(
         self, max_items: int, timeout: float | None = None, share: int = 1
