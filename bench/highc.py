@@ -4,6 +4,7 @@ Usage::
 
     python bench/highc.py                          # c in 16, 64, 128, 256; 5 repeats; ~2 minutes
     python bench/highc.py --c 256 --reps 9 --libs threadpipe,handwritten
+    python bench/highc.py --c 64,128 --libs threadpipe --first-buffer 64,128  # + sized first buffers
 
 ``run.py`` times every run in a fresh process, which mixes a library's start-up (threads started
 for the first time) into every figure and makes the machine's noise impossible to tell from a
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import ErrorLog, Outcome, run_child
-from peers import PEERS
+from peers import PEERS, run_threadpipe
 from report import paired, rotated
 from sysinfo import format_info, machine_info
 from workloads import SEED, Table, ideal_fifo, lower_bound, sleep_stages, uniform_table
@@ -90,12 +91,19 @@ def measured(body: Callable[[], None]) -> Sample:
     )
 
 
-def library_run(lib: str, stages: list[Any], c: int) -> Callable[[], None]:
-    """One run of ``lib`` over ``range(N_ITEMS)``, outputs checked."""
+def library_run(
+    lib: str, stages: list[Any], c: int, first_buffer: int | None = None
+) -> Callable[[], None]:
+    """One run of ``lib`` over ``range(N_ITEMS)``, outputs checked; with ``first_buffer``,
+    threadpipe with that many items in the buffer before its first stage."""
 
     def body() -> None:
         total = count = 0
-        for item in PEERS[lib].runner(stages, range(N_ITEMS), c, None):
+        if first_buffer is None:
+            outputs = PEERS[lib].runner(stages, range(N_ITEMS), c, None)
+        else:
+            outputs = run_threadpipe(stages, range(N_ITEMS), c, None, first_buffer)
+        for item in outputs:
             total += item
             count += 1
         if (count, total) != (N_ITEMS, N_ITEMS * (N_ITEMS - 1) // 2):
@@ -240,12 +248,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--no-floor", action="store_true", help="skip the references (the floor and 'carried')"
     )
+    parser.add_argument(
+        "--first-buffer",
+        default="",
+        help="comma-separated sizes: one more threadpipe row per size, with that many items in"
+        " the buffer before the first stage (.backpressure(size) there; the default is 32)",
+    )
     args = parser.parse_args(argv)
     cs = [int(c) for c in args.c.split(",")]
     libs = [lib for lib in args.libs.split(",") if lib]
     unknown = [lib for lib in libs if lib not in IN_PROCESS + IN_CHILD]
     if unknown:
         parser.error(f"unknown libraries {unknown}")
+    try:
+        sizes = [int(size) for size in args.first_buffer.split(",") if size]
+    except ValueError:
+        sizes = [0]
+    if any(size < 1 for size in sizes):
+        parser.error(f"--first-buffer takes sizes >= 1, got {args.first_buffer!r}")
+    # Each variant runs as a library of its own, interleaved with the others.
+    variants = {f"threadpipe b{size}": size for size in sizes}
     table = uniform_table(N_ITEMS)
     stages = sleep_stages(table)
     info = machine_info(
@@ -267,8 +289,12 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     for rep in range(args.reps):
         for c in cs:
-            for lib in rotated(local, rep):
-                samples.setdefault((lib, c), []).append(measured(library_run(lib, stages, c)))
+            for lib in rotated([*local, *variants], rep):
+                if lib in variants:
+                    body = library_run("threadpipe", stages, c, variants[lib])
+                else:
+                    body = library_run(lib, stages, c)
+                samples.setdefault((lib, c), []).append(measured(body))
             if not args.no_floor:
                 floors.setdefault(c, []).append(floor_run(table, c))
                 carried.setdefault(c, []).append(carried_run(stages, c))
@@ -303,7 +329,7 @@ def main(argv: list[str]) -> int:
             f" ({ideal / lower_bound(table, c):.2f}x LB)"
         )
         print(
-            f"{'library':12s} {'ratio to ideal':>22s} {'fresh':>7s} {'CPU us/call':>12s}"
+            f"{'library':16s} {'ratio to ideal':>22s} {'fresh':>7s} {'CPU us/call':>12s}"
             f" {'csw/call':>9s} {'threadpipe / it':>16s}"
         )
         ours = [s.seconds for s in samples.get(("threadpipe", c), [])]
@@ -314,8 +340,8 @@ def main(argv: list[str]) -> int:
                 return ""
             return paired(ours, [r.seconds for r in runs])
 
-        for lib in libs:
-            if lib in local:
+        for lib in [*libs, *variants]:
+            if lib in variants or lib in local:
                 runs = samples[(lib, c)]
                 ratio = spread([s.seconds / ideal for s in runs])
                 first = fresh.get((lib, c))
@@ -329,7 +355,7 @@ def main(argv: list[str]) -> int:
                 cpu = statistics.median(s.cpu for s in runs) / calls * 1e6
                 csw = statistics.median(s.voluntary + s.involuntary for s in runs) / calls
                 print(
-                    f"{lib:12s} {ratio:>22s} {first_cell:>7s} {cpu:12.0f} {csw:9.1f}"
+                    f"{lib:16s} {ratio:>22s} {first_cell:>7s} {cpu:12.0f} {csw:9.1f}"
                     f" {against(runs, lib):>16s}"
                 )
             else:
@@ -339,7 +365,7 @@ def main(argv: list[str]) -> int:
                     if outcome.ok
                     else outcome.label()
                 )
-                print(f"{lib:12s} {cell:>22s} {'':>7s} {'(own process)':>12s}")
+                print(f"{lib:16s} {cell:>22s} {'':>7s} {'(own process)':>12s}")
         for name, refs, what in (
             ("carried", carried, f"{3 * c} threads carrying items through every stage"),
             ("floor", floors, f"{3 * c} threads replaying the ideal schedule"),
@@ -349,7 +375,7 @@ def main(argv: list[str]) -> int:
                 cpu = statistics.median(r.cpu for r in runs) / calls * 1e6
                 csw = statistics.median(r.voluntary + r.involuntary for r in runs) / calls
                 print(
-                    f"{name:12s} {spread([r.seconds / ideal for r in runs]):>22s} {'':>7s}"
+                    f"{name:16s} {spread([r.seconds / ideal for r in runs]):>22s} {'':>7s}"
                     f" {cpu:12.0f} {csw:9.1f} {against(runs, name):>16s}   ({what})"
                 )
     return 0

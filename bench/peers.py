@@ -29,7 +29,11 @@ class NotApplicable(Exception):
 
 
 def build_threadpipe(
-    stage_fns: Sequence[StageFn], items: Iterable[Any], concurrency: int, buffer: int | None
+    stage_fns: Sequence[StageFn],
+    items: Iterable[Any],
+    concurrency: int,
+    buffer: int | None,
+    first_buffer: int | None = None,
 ) -> Any:
     """Builds (without starting) the threadpipe Pipeline that ``run_threadpipe`` runs.
 
@@ -38,6 +42,7 @@ def build_threadpipe(
         items: The source items.
         concurrency: Workers per stage.
         buffer: If given, ``.backpressure(buffer)`` before every stage and after the last.
+        first_buffer: If given, the buffer before the first stage holds this many items instead.
 
     Returns:
         The ``threadpipe.Pipeline``.
@@ -46,8 +51,9 @@ def build_threadpipe(
 
     pipeline = tp.Pipeline.from_iter(items)
     for index, fn in enumerate(stage_fns):
-        if buffer is not None:
-            pipeline = pipeline.backpressure(buffer)
+        size = first_buffer if index == 0 and first_buffer is not None else buffer
+        if size is not None:
+            pipeline = pipeline.backpressure(size)
         pipeline = pipeline.map(fn, workers=concurrency, ordered=False, name=f"s{index + 1}")
     if buffer is not None:
         pipeline = pipeline.backpressure(buffer)
@@ -63,14 +69,18 @@ def threadpipe_bound(
 
 
 def run_threadpipe(
-    stage_fns: Sequence[StageFn], items: Iterable[Any], concurrency: int, buffer: int | None
+    stage_fns: Sequence[StageFn],
+    items: Iterable[Any],
+    concurrency: int,
+    buffer: int | None,
+    first_buffer: int | None = None,
 ) -> Iterator[Any]:
     """Runs the stages as a threadpipe Pipeline (see ``build_threadpipe``), unordered.
 
     Yields:
         The outputs of the last stage, in completion order.
     """
-    run = build_threadpipe(stage_fns, items, concurrency, buffer).start()
+    run = build_threadpipe(stage_fns, items, concurrency, buffer, first_buffer).start()
     with run:
         yield from run
         run.join()

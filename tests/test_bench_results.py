@@ -1,5 +1,6 @@
 """The benchmarks' own bookkeeping: which run wrote each results file (docs/benchmarks.md says
-where to look), and the order libraries run in within an interleaved repeat."""
+where to look), the order libraries run in within an interleaved repeat, and the variants
+``bench/highc.py`` adds as rows of their own."""
 
 from __future__ import annotations
 
@@ -14,14 +15,23 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+BENCH_MODULES = ("run", "highc", "harness", "peers", "report", "sysinfo", "workloads")
+
+
 @pytest.fixture
-def run_module(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """bench/ importable as scripts import each other there; its modules forgotten afterwards."""
     monkeypatch.syspath_prepend(str(BENCH))
+    yield
+    for name in BENCH_MODULES:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def run_module(bench: None) -> Any:
     import run  # bench/run.py
 
-    yield run
-    for name in ("run", "harness", "peers", "report", "sysinfo", "workloads"):
-        sys.modules.pop(name, None)
+    return run
 
 
 def test_a_machine_json_without_a_results_map_vouches_for_every_file_there(
@@ -63,3 +73,39 @@ def test_interleaved_repeats_give_every_library_every_place_equally(run_module: 
         for place in range(len(libs)):
             assert sorted(order[place] for order in orders) == sorted(libs)
     assert rotated([], 5) == []
+
+
+def test_highc_runs_a_first_buffer_variant_as_a_row_paired_with_threadpipe(
+    bench: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import highc  # bench/highc.py
+
+    monkeypatch.setattr(highc, "N_ITEMS", 40)  # a second, not the minutes of the real size
+    args = ["--c", "4", "--reps", "2", "--libs", "threadpipe", "--no-fresh", "--no-floor"]
+    assert highc.main([*args, "--first-buffer", "8,64"]) == 0
+    rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "threadpipe b8" in rows and "threadpipe b64" in rows
+    # Each variant's outputs were checked (``library_run``), and it is compared repeat by repeat.
+    assert rows["threadpipe b8"].endswith("/2")
+    # The variant is the same pipeline with only its first buffer sized.
+    import threadpipe as tp
+    from peers import build_threadpipe
+
+    stages = [abs, abs, abs]
+    by_hand = tp.Pipeline.from_iter([]).backpressure(8)
+    for fn in stages:
+        by_hand = by_hand.map(fn, workers=4, ordered=False)
+    variant = build_threadpipe(stages, [], 4, None, 8).buffer_bound()
+    assert variant == by_hand.buffer_bound() < build_threadpipe(stages, [], 4, None).buffer_bound()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x", "8,,0"])
+def test_highc_refuses_a_first_buffer_size_below_one_naming_the_option(
+    bench: None, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import highc  # bench/highc.py
+
+    with pytest.raises(SystemExit) as exit:
+        highc.main(["--first-buffer", value])
+    assert exit.value.code == 2
+    assert f"--first-buffer takes sizes >= 1, got {value!r}" in capsys.readouterr().err
