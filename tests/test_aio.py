@@ -12,6 +12,7 @@ import functools
 import gc
 import logging
 import os
+import socketserver
 import subprocess
 import sys
 import textwrap
@@ -1321,6 +1322,103 @@ def test_a_resource_in_the_middle_of_a_chain_on_the_loop_is_closed_before_the_la
         out.append(x)
     assert out == [4 * x for x in range(30)]
     assert events == ["open", "closed"]
+
+
+# ------------------------------------------------------------- a busy loop polls for I/O, paced
+
+
+class _Echo(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(line)
+
+
+@pytest.fixture
+def echo_server() -> Iterator[tuple[str, int]]:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="test-echo-server")
+    thread.start()
+    try:
+        yield server.server_address[0], server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.mark.timeout(60)
+def test_socket_io_goes_on_while_another_coroutine_keeps_the_loop_busy(
+    echo_server: tuple[str, int],
+) -> None:
+    # Item 0 keeps a callback ready at every turn of the loop until the others have been echoed
+    # back by a real server: a loop that skipped its polls for I/O while busy would never see the
+    # replies (item 0 gives up after 20 s, so that failure is an assertion, not a hang).
+    host, port = echo_server
+    echoed = threading.Event()
+    replies: list[int] = []
+    turns = [0]
+
+    async def stage(item: int) -> int:
+        if item == 0:
+            deadline = asyncio.get_running_loop().time() + 20
+            while not echoed.is_set() and asyncio.get_running_loop().time() < deadline:
+                turns[0] += 1
+                await asyncio.sleep(0)
+            return -1 if echoed.is_set() else -2  # -2: the replies never came while it spun
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for _ in range(20):  # 20 round trips each, all while item 0 spins
+                writer.write(b"%d\n" % item)
+                await writer.drain()
+                assert int(await reader.readline()) == item
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        replies.append(item)
+        if len(replies) == 8:
+            echoed.set()
+        return item
+
+    outputs = sorted(Pipeline.from_iter(range(9)).map(stage, workers=9, ordered=False))
+    assert outputs == [-1, *range(1, 9)]
+    assert echoed.is_set() and turns[0] > 0
+    assert loop_threads_gone()
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_loop_polls_for_io_at_least_every_few_ms_and_less_than_every_turn() -> None:
+    # The pacing itself: while a coroutine keeps a callback ready for ~100 ms, the loop asks the
+    # OS for I/O events many times (every ``_POLL_EVERY`` s, give or take the machine's noise),
+    # but not at every turn, which is what let the interpreter lock change hands every turn.
+    from threadpipe import _aio
+
+    turns = [0]
+    reached: list[float | None] = []  # the timeouts of the polls that reached the OS
+    loop = asyncio.new_event_loop()
+    selector_type = type(loop._selector)  # type: ignore[attr-defined]
+    real = selector_type.select
+
+    def os_select(self: Any, timeout: float | None = None) -> Any:
+        reached.append(timeout)
+        return real(self, timeout)
+
+    async def spin() -> None:
+        end = loop.time() + 0.1
+        while loop.time() < end:
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(selector_type, "select", os_select)
+            _aio._paced(loop)  # paces the select it finds: the counted one
+            loop.run_until_complete(spin())
+    finally:
+        loop.close()
+    busy_polls = [timeout for timeout in reached if timeout is not None and timeout <= 0]
+    assert turns[0] > 100
+    assert 10 <= len(busy_polls) < turns[0] / 2, (len(busy_polls), turns[0])
 
 
 # ---------------------------------------------------------------------------------- the example
