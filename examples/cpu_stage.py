@@ -21,6 +21,7 @@ The Dask part needs ``pip install "threadpipe[dask]"``; without it, it is skippe
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import time
@@ -65,6 +66,26 @@ def timed(label: str, p: tp.Pipeline[str], n: int) -> list[str]:
     return digests
 
 
+class DropHeartbeatAtShutdown(logging.Filter):
+    """Drops the one error a Dask worker may log when the cluster closes under its heartbeat.
+
+    Closing a ``LocalCluster`` races with the workers' heartbeats: one sent just before the
+    scheduler drops the worker gets "Stream is closed" and is logged with a traceback, though the
+    run ended well (dask/distributed#7105; here 2 runs in 25 on a loaded machine). Only that
+    message is dropped; every other log record of the workers still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(
+            "Failed to communicate with scheduler during heartbeat"
+        )
+
+
+def drop_heartbeat_race() -> None:
+    """Runs in each Dask worker process (``client.run``): installs the filter above there."""
+    logging.getLogger("distributed.worker").addFilter(DropHeartbeatAtShutdown())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=120, help="blocks to hash (default 120)")
@@ -97,6 +118,8 @@ def main() -> None:
         ) as cluster,
         Client(cluster) as client,
     ):
+        client.wait_for_workers(2)
+        client.run(drop_heartbeat_race)
         on_cluster = timed("dask:", pipeline(n, 8, client.get_executor()), n)
     print(f"dask gives the same digests, in order: {'yes' if on_cluster == reference else 'NO'}")
 
