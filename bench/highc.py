@@ -30,7 +30,10 @@ Besides the median over the repeats, which include the first one, the table show
 * ``carried``: the pattern run to completion by 3c threads started in advance, each carrying one
   item at a time through every stage, with c places per stage: no queue and no hand-off between
   stages, the fewest wake-ups a thread pipeline can have. Not a floor (it serves a stage's waiters
-  in no set order), a reference: what a thread design with the fewest hand-offs reaches here.
+  in no set order), a reference: what a thread design with the fewest hand-offs reaches here;
+* ``carried tN`` (``--carried-threads N,...``): the same with N threads in all instead of 3c, so at
+  most N calls are in flight across the stages: what capping the calls in flight, without a wait
+  of its own, buys a thread design here.
 
 pypeln and pyper run in a child process of their own for all their repeats (pyper deadlocks from
 c = 4 and pypeln polls; neither may wedge or slow this process), so they are not interleaved.
@@ -181,9 +184,11 @@ def released(threads: list[threading.Thread], release: Callable[[], None]) -> Sa
     return measured(body)
 
 
-def carried_run(stages: list[Any], c: int) -> Sample:
+def carried_run(stages: list[Any], c: int, threads: int | None = None) -> Sample:
     """The pattern run to completion: 3c threads started in advance (one per place), each carrying
     one item at a time through all three stages, with c places per stage (a semaphore each).
+    ``threads`` starts that many instead: fewer than 3c caps the calls in flight across the
+    stages (at most one per thread) without a wait of its own.
 
     The other way to give each stage c calls at once with threads: no queue between stages and no
     hand-off, a thread waits only for a place (first stage mostly) or for the next item. It does
@@ -211,8 +216,9 @@ def carried_run(stages: list[Any], c: int) -> Sample:
                     item = fn(item)
             outputs.append(item)
 
-    threads = [threading.Thread(target=carrier, name=f"bench-carried-{i}") for i in range(3 * c)]
-    sample = released(threads, gate.set)
+    count = 3 * c if threads is None else threads
+    carriers = [threading.Thread(target=carrier, name=f"bench-carried-{i}") for i in range(count)]
+    sample = released(carriers, gate.set)
     if sorted(outputs) != list(range(N_ITEMS)):
         raise RuntimeError(f"carried: got {len(outputs)} outputs")
     return sample
@@ -238,6 +244,17 @@ def spread(values: Sequence[float]) -> str:
     return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 
+def counts_option(parser: argparse.ArgumentParser, option: str, what: str, text: str) -> list[int]:
+    """The comma-separated whole numbers >= 1 of ``option``; exits naming it on anything else."""
+    try:
+        counts = [int(part) for part in text.split(",") if part]
+    except ValueError:
+        counts = [0]
+    if any(count < 1 for count in counts):
+        parser.error(f"{option} takes {what} >= 1, got {text!r}")
+    return counts
+
+
 def main(argv: list[str]) -> int:
     """Runs the interleaved comparison and prints one table per concurrency."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -254,18 +271,22 @@ def main(argv: list[str]) -> int:
         help="comma-separated sizes: one more threadpipe row per size, with that many items in"
         " the buffer before the first stage (.backpressure(size) there; the default is 32)",
     )
+    parser.add_argument(
+        "--carried-threads",
+        default="",
+        help="comma-separated thread counts: one more 'carried' reference row per count, the"
+        " same design with that many threads in all instead of 3c (a cap on the calls in flight)",
+    )
     args = parser.parse_args(argv)
     cs = [int(c) for c in args.c.split(",")]
     libs = [lib for lib in args.libs.split(",") if lib]
     unknown = [lib for lib in libs if lib not in IN_PROCESS + IN_CHILD]
     if unknown:
         parser.error(f"unknown libraries {unknown}")
-    try:
-        sizes = [int(size) for size in args.first_buffer.split(",") if size]
-    except ValueError:
-        sizes = [0]
-    if any(size < 1 for size in sizes):
-        parser.error(f"--first-buffer takes sizes >= 1, got {args.first_buffer!r}")
+    sizes = counts_option(parser, "--first-buffer", "sizes", args.first_buffer)
+    thread_counts = counts_option(parser, "--carried-threads", "counts", args.carried_threads)
+    if thread_counts and args.no_floor:
+        parser.error("--carried-threads adds reference rows, which --no-floor skips")
     # Each variant runs as a library of its own, interleaved with the others.
     variants = {f"threadpipe b{size}": size for size in sizes}
     table = uniform_table(N_ITEMS)
@@ -286,6 +307,7 @@ def main(argv: list[str]) -> int:
     samples: dict[tuple[str, int], list[Sample]] = {}
     floors: dict[int, list[Sample]] = {}
     carried: dict[int, list[Sample]] = {}
+    capped: dict[tuple[int, int], list[Sample]] = {}
     started = time.monotonic()
     for rep in range(args.reps):
         for c in cs:
@@ -298,6 +320,8 @@ def main(argv: list[str]) -> int:
             if not args.no_floor:
                 floors.setdefault(c, []).append(floor_run(table, c))
                 carried.setdefault(c, []).append(carried_run(stages, c))
+                for count in rotated(thread_counts, rep):
+                    capped.setdefault((c, count), []).append(carried_run(stages, c, count))
         print(f"repeat {rep + 1}/{args.reps} done ({time.monotonic() - started:.0f} s)", flush=True)
     children = {
         (lib, c): child_runs(lib, table, c, args.reps, log)
@@ -366,11 +390,14 @@ def main(argv: list[str]) -> int:
                     else outcome.label()
                 )
                 print(f"{lib:16s} {cell:>22s} {'':>7s} {'(own process)':>12s}")
-        for name, refs, what in (
-            ("carried", carried, f"{3 * c} threads carrying items through every stage"),
-            ("floor", floors, f"{3 * c} threads replaying the ideal schedule"),
+        for name, runs, what in (
+            ("carried", carried.get(c, []), f"{3 * c} threads carrying items through every stage"),
+            *(
+                (f"carried t{count}", capped[(c, count)], f"the same with {count} threads")
+                for count in thread_counts
+            ),
+            ("floor", floors.get(c, []), f"{3 * c} threads replaying the ideal schedule"),
         ):
-            runs = refs.get(c, [])
             if runs:
                 cpu = statistics.median(r.cpu for r in runs) / calls * 1e6
                 csw = statistics.median(r.voluntary + r.involuntary for r in runs) / calls

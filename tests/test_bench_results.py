@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,67 @@ def test_highc_runs_a_first_buffer_variant_as_a_row_paired_with_threadpipe(
     assert variant == by_hand.buffer_bound() < build_threadpipe(stages, [], 4, None).buffer_bound()
 
 
+def test_highc_runs_a_capped_carried_reference_per_thread_count(
+    bench: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import highc  # bench/highc.py
+
+    monkeypatch.setattr(highc, "N_ITEMS", 40)
+    args = ["--c", "4", "--reps", "2", "--libs", "threadpipe", "--no-fresh"]
+    assert highc.main([*args, "--carried-threads", "2,5"]) == 0
+    rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "the same with 2 threads" in rows["carried t2"]
+    assert "the same with 5 threads" in rows["carried t5"]
+    # Each thread carries one item at a time: with 2 threads, 2 calls at most are in flight.
+    from workloads import sleep_stages, uniform_table
+
+    in_flight = most = 0
+    lock = threading.Lock()
+
+    def counted(fn: Any) -> Any:
+        def call(item: Any) -> Any:
+            nonlocal in_flight, most
+            with lock:
+                in_flight += 1
+                most = max(most, in_flight)
+            try:
+                return fn(item)
+            finally:
+                with lock:
+                    in_flight -= 1
+
+        return call
+
+    stages = [counted(fn) for fn in sleep_stages(uniform_table(40))]
+    highc.carried_run(stages, 4, 2)
+    assert most == 2
+    highc.carried_run(stages, 4)
+    assert most > 2
+
+
+@pytest.mark.parametrize(
+    ("option", "what"), [("--first-buffer", "sizes"), ("--carried-threads", "counts")]
+)
 @pytest.mark.parametrize("value", ["0", "-3", "x", "8,,0"])
-def test_highc_refuses_a_first_buffer_size_below_one_naming_the_option(
-    bench: None, value: str, capsys: pytest.CaptureFixture[str]
+def test_highc_refuses_a_count_below_one_naming_the_option(
+    bench: None, option: str, what: str, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import highc  # bench/highc.py
 
     with pytest.raises(SystemExit) as exit:
-        highc.main(["--first-buffer", value])
+        highc.main([option, value])
     assert exit.value.code == 2
-    assert f"--first-buffer takes sizes >= 1, got {value!r}" in capsys.readouterr().err
+    assert f"{option} takes {what} >= 1, got {value!r}" in capsys.readouterr().err
+
+
+def test_highc_refuses_capped_references_when_references_are_skipped(
+    bench: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import highc  # bench/highc.py
+
+    with pytest.raises(SystemExit) as exit:
+        highc.main(["--carried-threads", "64", "--no-floor"])
+    assert exit.value.code == 2
+    assert "--carried-threads adds reference rows, which --no-floor skips" in (
+        capsys.readouterr().err
+    )
