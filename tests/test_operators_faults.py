@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from threadpipe import Pipeline, Run
+from threadpipe._threads import settle
 
 from sources import Endless
 from test_operators import reference_groups
@@ -421,6 +422,8 @@ def test_a_failed_run_is_freed_by_reference_counting(case: str) -> None:
             pass
         run = None
         assert not wait_no_threads(before)
+        # A pooled thread takes the run's name off before its frames let go of the run.
+        assert settle(JOIN), "a pooled thread did not return from its job"
         assert [ref() for ref in refs] == [None] * len(refs)
     finally:
         gc.enable()

@@ -32,6 +32,7 @@ from tracked import Tracked, Tracker, check_bound, tracked_source
 
 import threadpipe as tp
 from threadpipe import Pipeline
+from threadpipe._threads import settle
 
 # How long a run gets to end once nothing should hold it (the brief's join(timeout=5)).
 _JOIN = 5.0
@@ -51,6 +52,16 @@ def _threads_gone(before: set[threading.Thread] | None = None, timeout: float = 
         if t not in before:
             t.join(max(0.0, deadline - time.monotonic()))
     return [t.name for t in _run_threads() if t not in before and t.is_alive()]
+
+
+def _threads_released(before: set[threading.Thread]) -> list[str]:
+    """``_threads_gone``, and then wait (bounded) until every pooled thread has returned from its
+    job: it takes the run's name off and counts itself out before its frames let go of the run
+    (``threadpipe._threads.settle``). Before a test checks that a finished run is freed."""
+    alive = _threads_gone(before)
+    if not settle(_PROMPT):
+        alive.append("a pooled thread still in its job")
+    return alive
 
 
 @contextmanager
@@ -233,7 +244,7 @@ def test_a_failed_run_and_its_exception_are_freed_by_reference_counting(kind: st
             refs.clear()
             for _ in range(_FAILED_RUNS):
                 consumer(build(pool), refs)
-            alive = _threads_gone(before)
+            alive = _threads_released(before)
             assert not alive, f"a failed run's threads did not exit: {alive}"
             held = tracemalloc.get_traced_memory()[0] - baseline
             kept = [ref() for ref in refs if ref() is not None]
@@ -269,7 +280,7 @@ def test_a_dropped_failed_run_is_dead_without_gc_collect() -> None:
             run.join(timeout=_JOIN)
         exc_ref = weakref.ref(failure)
         # join() returned once every thread did its accounting; let them return from their frames.
-        assert not _threads_gone(before)
+        assert not _threads_released(before)
         del run, failure
         assert ref() is None, "the failed Run is still alive after `del run, exc` (a reference cycle)"
         assert exc_ref() is None, "the run's exception is still alive after `del run, exc`"

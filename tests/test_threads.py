@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from threadpipe import Pipeline, _threads
-from threadpipe._threads import IDLE_NAME, PREFIX, drain
+from threadpipe._threads import IDLE_NAME, PREFIX, drain, settle
 
 
 @pytest.fixture(autouse=True)
@@ -61,6 +61,40 @@ def test_a_pooled_thread_bears_its_stage_name_while_it_serves_and_the_idle_name_
     # Renamed before the run is counted done: no thread bears a stage's name once it is.
     assert not [t.name for t in threading.enumerate() if t.name.startswith(f"{PREFIX}named")]
     assert _parked()
+
+
+def test_settle_waits_until_every_pooled_job_has_returned() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def job() -> None:
+        started.set()
+        release.wait(10)
+
+    _threads._POOL.launch(f"{PREFIX}settle-0", job, ())
+    assert started.wait(10)
+    assert not settle(0.05)  # the job is still running
+    release.set()
+    assert settle(10)
+    assert _parked()
+
+
+def test_settle_counts_out_a_job_that_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    raised: list[type[BaseException] | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_type))
+    started, release = threading.Event(), threading.Event()
+
+    def job() -> None:
+        started.set()
+        release.wait(10)
+        raise ValueError("a job's own failure")
+
+    _threads._POOL.launch(f"{PREFIX}settle-raises", job, ())
+    assert started.wait(10)
+    (thread,) = [t for t in threading.enumerate() if t.name == f"{PREFIX}settle-raises"]
+    release.set()
+    assert settle(10)
+    thread.join(10)
+    assert raised == [ValueError]  # the thread ended with it, reported, and is not parked
 
 
 def test_drain_retires_every_parked_thread() -> None:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._run import RunState
     from ._scope import Scope
 
-__all__ = ["IDLE_NAME", "IDLE_SECONDS", "PREFIX", "Crew", "drain", "in_library_thread"]
+__all__ = ["IDLE_NAME", "IDLE_SECONDS", "PREFIX", "Crew", "drain", "in_library_thread", "settle"]
 
 PREFIX = "threadpipe-"
 
@@ -65,16 +65,20 @@ class _Pool:
     A stack: the thread parked last is woken first, so the threads a burst needed and the next one
     does not are the ones at the bottom, which time out and exit.
 
-    Lock discipline: ``_lock`` guards ``_idle`` only. A thread is in ``_idle`` exactly while it
-    may be handed a job: the launcher pops it and sets its job under the lock, then releases its
-    ``wake`` outside it. A thread whose wait timed out removes itself under the lock; if it is no
-    longer there, a launcher popped it, and its job is on the way (the wake is released): it waits
-    for it instead of exiting.
+    Lock discipline: ``_lock`` guards ``_idle`` and ``_serving``. A thread is in ``_idle``
+    exactly while it may be handed a job: the launcher pops it and sets its job under the lock,
+    then releases its ``wake`` outside it. A thread whose wait timed out removes itself under the
+    lock; if it is no longer there, a launcher popped it, and its job is on the way (the wake is
+    released): it waits for it instead of exiting. ``_serving`` counts the jobs handed out and not
+    yet returned from: a thread counts itself out of its run before its job returns (and the
+    job's frames, which hold the run, are gone only then), so :meth:`settle` waits on this.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
         self._idle: list[_Parked] = []
+        self._serving = 0
 
     def launch(self, name: str, body: Callable[..., None], args: tuple[Any, ...]) -> None:
         """Run ``body(*args)`` in a parked thread named ``name``, or in a new one if none is parked.
@@ -84,6 +88,7 @@ class _Pool:
         """
         job = (name, body, args)
         with self._lock:
+            self._serving += 1
             parked = self._idle.pop() if self._idle else None
             if parked is not None:
                 parked.job = job
@@ -93,7 +98,20 @@ class _Pool:
         parked = _Parked(job)
         thread = threading.Thread(target=self._serve, args=(parked,), name=name, daemon=True)
         parked.thread = thread
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            self._returned(None)
+            raise
+
+    def _returned(self, parked: _Parked | None) -> None:
+        """A job returned (or never started): park its thread (``parked``), count the job out."""
+        with self._lock:
+            if parked is not None:
+                self._idle.append(parked)
+            self._serving -= 1
+            if not self._serving:
+                self._settled.notify_all()
 
     def _serve(self, parked: _Parked) -> None:
         thread = threading.current_thread()
@@ -107,13 +125,15 @@ class _Pool:
             thread.name = name
             try:
                 body(*args)  # an exception ends the thread (threading.excepthook reports it)
-            finally:
-                # This frame outlives the body in any traceback the body left (as f_back): it
-                # must not hold the body, whose crew holds the run.
+            except BaseException:
                 del body, args
+                self._returned(None)
+                raise
+            # This frame outlives the body in any traceback the body left (as f_back): it must
+            # not hold the body, whose crew holds the run.
+            del body, args
             thread.name = IDLE_NAME
-            with self._lock:
-                self._idle.append(parked)
+            self._returned(parked)
             if parked.wake.acquire(timeout=IDLE_SECONDS):
                 continue
             with self._lock:
@@ -137,10 +157,17 @@ class _Pool:
                 parked.thread.join(timeout)
         return len(retired)
 
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` until no job is running; return whether none is."""
+        with self._settled:
+            return self._settled.wait_for(lambda: not self._serving, timeout)
+
     def forked(self) -> None:
         """In a child process: the parked threads are the parent's, not here."""
         self._lock = threading.Lock()  # the parent's may have been held by a thread that is gone
+        self._settled = threading.Condition(self._lock)
         self._idle = []
+        self._serving = 0
 
 
 _POOL = _Pool()
@@ -157,6 +184,18 @@ def drain(timeout: float | None = None) -> int:
         How many threads were parked.
     """
     return _POOL.drain(timeout)
+
+
+def settle(timeout: float | None = None) -> bool:
+    """Wait up to ``timeout`` until every pooled thread has returned from its job (parked or
+    exited); a private hook for tests. A pooled thread counts itself out of its run, and takes
+    its run's name off, before its frames let go of the run: a test that checks a finished run
+    is freed waits for this too, not only for the threads named after the run's stages.
+
+    Returns:
+        Whether every job had returned.
+    """
+    return _POOL.settle(timeout)
 
 
 def in_library_thread() -> bool:
