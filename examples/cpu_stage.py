@@ -112,13 +112,14 @@ def main() -> None:
         return
     # Two single-threaded worker processes, no dashboard. ``workers`` counts calls in flight: a
     # few more than the cluster's threads keep every worker busy across Dask's round trips.
+    cluster_workers = 2
     with (
         LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=cluster_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
         ) as cluster,
         Client(cluster) as client,
     ):
-        client.wait_for_workers(2)
+        client.wait_for_workers(cluster_workers)
         client.run(drop_heartbeat_race)
         on_cluster = timed("dask:", pipeline(n, 8, client.get_executor()), n)
     print(f"dask gives the same digests, in order: {'yes' if on_cluster == reference else 'NO'}")

@@ -284,8 +284,8 @@ def _paced(loop: asyncio.AbstractEventLoop) -> None:
     switches each: with one or two workers per stage, about a quarter of what a call cost. Paced,
     a turn with callbacks ready polls only once the last poll is ``_POLL_EVERY`` old, so I/O that
     became ready while the loop was busy is seen at the first turn after that, not at the next
-    one; a turn with nothing ready waits in the OS as before. A loop without a selector (the Windows proactor, uvloop or
-    another policy's own loop) is left as it is.
+    one; a turn with nothing ready waits in the OS as before. A loop without a selector (the
+    Windows proactor, uvloop or another policy's own loop) is left as it is.
     """
     selector: Any = getattr(loop, "_selector", None)
     select = getattr(selector, "select", None)
