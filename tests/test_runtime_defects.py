@@ -54,13 +54,29 @@ def _threads_gone(before: set[threading.Thread] | None = None, timeout: float = 
     return [t.name for t in _run_threads() if t not in before and t.is_alive()]
 
 
-def _threads_released(before: set[threading.Thread]) -> list[str]:
+def _threads_released(
+    before: set[threading.Thread], executor: ThreadPoolExecutor | None = None
+) -> list[str]:
     """``_threads_gone``, and then wait (bounded) until every pooled thread has returned from its
     job: it takes the run's name off and counts itself out before its frames let go of the run
-    (``threadpipe._threads.settle``). Before a test checks that a finished run is freed."""
+    (``threadpipe._threads.settle``). Before a test checks that a finished run is freed.
+
+    With ``executor``, also until each of its threads has moved past its last work item: the
+    caller's ``ThreadPoolExecutor`` sets a call's exception on its future and lets go of the work
+    item (and so of the exception) only after that.
+    """
     alive = _threads_gone(before)
     if not settle(_PROMPT):
         alive.append("a pooled thread still in its job")
+    if executor is not None:
+        workers = executor._max_workers  # each takes one of these only once done with the last
+        meet = threading.Barrier(workers)
+        moved_on = [executor.submit(meet.wait, _PROMPT) for _ in range(workers)]
+        try:
+            for future in moved_on:
+                future.result(_PROMPT)
+        except (threading.BrokenBarrierError, TimeoutError):
+            alive.append("an executor thread still in its last work item")
     return alive
 
 
@@ -244,7 +260,7 @@ def test_a_failed_run_and_its_exception_are_freed_by_reference_counting(kind: st
             refs.clear()
             for _ in range(_FAILED_RUNS):
                 consumer(build(pool), refs)
-            alive = _threads_released(before)
+            alive = _threads_released(before, pool)
             assert not alive, f"a failed run's threads did not exit: {alive}"
             held = tracemalloc.get_traced_memory()[0] - baseline
             kept = [ref() for ref in refs if ref() is not None]
