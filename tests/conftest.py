@@ -4,6 +4,7 @@ pools leave to the garbage collector is collected before the next test."""
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 import time
@@ -12,6 +13,36 @@ from collections.abc import Iterator
 import pytest
 
 from threadpipe._threads import drain
+
+# CI runs the suite a second time with the interpreter switching threads every microsecond
+# (``THREADPIPE_SWITCH_INTERVAL=1e-6``; the default is 5 ms): a thread then loses the interpreter
+# lock between almost any two bytecodes, so an interleaving that a run meets once in a million at
+# the default comes up in every run. Tests that measure the pace the default gives are marked
+# ``default_switch_interval`` and skipped then.
+_SWITCH_VARIABLE = "THREADPIPE_SWITCH_INTERVAL"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    value = os.environ.get(_SWITCH_VARIABLE)
+    if not value:
+        return
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise pytest.UsageError(f"{_SWITCH_VARIABLE} must be seconds > 0, got {value!r}")
+    sys.setswitchinterval(seconds)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not os.environ.get(_SWITCH_VARIABLE):
+        return
+    skip = pytest.mark.skip(reason=f"measures the default switch interval's pace ({_SWITCH_VARIABLE})")
+    for item in items:
+        if item.get_closest_marker("default_switch_interval") is not None:
+            item.add_marker(skip)
+
 
 # Threads a run started may still be returning from their last call when a test ends (a cancelled
 # run does not wait for them); they get this long to exit before the test counts as leaking.

@@ -274,6 +274,7 @@ def test_a_full_downstream_buffer_does_not_freeze_the_loop() -> None:
     assert sorted(run) == list(range(20))
 
 
+@pytest.mark.default_switch_interval
 @pytest.mark.parametrize("reader", ["caller", "thread stage", "ordered into the caller"])
 @pytest.mark.parametrize("workers", [4, 16, 64])
 def test_fast_coroutine_stages_hand_items_to_a_thread_without_a_wait_per_item(
