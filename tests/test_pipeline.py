@@ -178,13 +178,16 @@ def test_memory_stays_within_the_documented_bound() -> None:
     channels = [stage.inp for stage in run._stages] + [run._output]
     while any(ch.qsize() < ch.maxsize for ch in channels) and time.monotonic() < deadline:
         release.wait(0.01)
-    n1 = next(pulled)
+    n1 = next(pulled)  # the source's pulls so far
     release.wait(0.2)  # give a runaway source the chance to show itself
-    n2 = next(pulled)
+    n2 = next(pulled)  # the source's pulls so far, plus this test's first
     run.cancel()
     run.join(10)
     assert n1 <= p.buffer_bound() + 1
-    assert n2 == n1 + 1, "the source kept being pulled with every buffer full"
+    # Every buffer seen full is not the run at rest: a worker still holding a batch then goes on
+    # until it blocks, and the source may be pulled a few more times (CI saw 16). Never past the
+    # bound, which a source pulled with nowhere for its items to go passes within the 0.2 s.
+    assert n2 - 1 <= p.buffer_bound() + 1, "the source kept being pulled past the bound"
 
 
 def test_repr_names_the_stages() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from threadpipe import StageStats
 from threadpipe._channel import Channel
 from threadpipe._report import render_report
@@ -102,6 +104,24 @@ def test_verdict_a_stage_waiting_for_its_rate_limit_is_limited_by_rate_not_worke
     assert "bottleneck: stage 'upload' (map, 4 workers), limited by rate=20" in report
     assert "more workers cannot help" in report
     assert "try: more workers" not in report
+
+
+@pytest.mark.parametrize("waiting_workers", [1.0, 2.0, 3.5])
+def test_verdict_a_stage_at_its_rate_is_limited_by_rate_however_many_workers_waited_their_turn(
+    waiting_workers: float,
+) -> None:
+    # 100 calls in 5 s at rate=20: the stage made every call its rate allowed. How many of its 4
+    # workers spent the run waiting for their turn, rather than for input, is timing: the verdict
+    # was "outside the pipeline" when fewer than about 2.4 of them did (CI failed on it once).
+    import dataclasses
+
+    limited = dataclasses.replace(
+        made("send", util=0.01, busy=0.05, cpu=0.05, workers=4),
+        throttled_seconds=5.0 * waiting_workers,
+        rate=20.0,
+    )
+    report = flat(render_report([limited], finished_state(5.0, 0.1), Channel(4), None))
+    assert "bottleneck: stage 'send' (map, 4 workers), limited by rate=20" in report, report
 
 
 def test_the_reported_cpu_peak_is_never_below_the_mean() -> None:

@@ -131,7 +131,12 @@ def _verdict(
     def occupied(s: StageStats) -> float:
         # Busy, or waiting for its rate limit: either way its workers could take no more items.
         capacity = s.workers * elapsed
-        return min(1.0, (s.busy_seconds + s.throttled_seconds) / capacity) if capacity > 0 else 0.0
+        share = min(1.0, (s.busy_seconds + s.throttled_seconds) / capacity) if capacity > 0 else 0.0
+        if s.rate is not None and elapsed > 0:
+            # A stage held to ``rate=`` makes at most ``rate * elapsed`` calls, however its workers
+            # spent the time (some may have waited for input, not for their turn).
+            share = max(share, min(1.0, s.items_in / (s.rate * elapsed)))
+        return share
 
     top = max(occupied(s) for s in stats)
     if top < _BUSY:
