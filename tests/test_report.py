@@ -124,6 +124,20 @@ def test_verdict_a_stage_at_its_rate_is_limited_by_rate_however_many_workers_wai
     assert "bottleneck: stage 'send' (map, 4 workers), limited by rate=20" in report, report
 
 
+def test_verdict_a_short_run_of_a_rate_limited_stage_that_never_waited_is_not_its_rate() -> None:
+    # One call, at once: as many as rate=30 allows in that time, but the limit held nobody back.
+    import dataclasses
+
+    quick = dataclasses.replace(
+        made("send", util=0.01, busy=0.00002, cpu=0.00002, workers=4),
+        items_in=1,
+        items_out=1,
+        rate=30.0,
+    )
+    report = flat(render_report([quick], finished_state(0.001, 0.001), Channel(4), None))
+    assert "limited by rate" not in report and "bottleneck: stage" not in report, report
+
+
 def test_the_reported_cpu_peak_is_never_below_the_mean() -> None:
     samples = Samples(
         count=3,

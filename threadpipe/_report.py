@@ -132,10 +132,11 @@ def _verdict(
         # Busy, or waiting for its rate limit: either way its workers could take no more items.
         capacity = s.workers * elapsed
         share = min(1.0, (s.busy_seconds + s.throttled_seconds) / capacity) if capacity > 0 else 0.0
-        if s.rate is not None and elapsed > 0:
-            # A stage held to ``rate=`` makes at most ``rate * elapsed`` calls, however its workers
-            # spent the time (some may have waited for input, not for their turn).
-            share = max(share, min(1.0, s.items_in / (s.rate * elapsed)))
+        if s.rate is not None and s.throttled_seconds > 0 and elapsed > 0:
+            # A stage held to ``rate=`` starts its calls ``1 / rate`` apart: ``n`` of them take
+            # ``(n - 1) / rate`` seconds, however its workers spent the time (some waiting for
+            # their turn, some for input). Only once the limit made someone wait.
+            share = max(share, min(1.0, (s.items_in - 1) / (s.rate * elapsed)))
         return share
 
     top = max(occupied(s) for s in stats)
