@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from threadpipe import StageStats
@@ -93,8 +95,6 @@ def test_verdict_a_slow_consumer_or_source_is_outside_the_stages() -> None:
 
 
 def test_verdict_a_stage_waiting_for_its_rate_limit_is_limited_by_rate_not_workers() -> None:
-    import dataclasses
-
     limited = dataclasses.replace(
         made("upload", util=0.02, busy=0.4, cpu=0.1, workers=4),
         throttled_seconds=38.0,
@@ -113,8 +113,6 @@ def test_verdict_a_stage_at_its_rate_is_limited_by_rate_however_many_workers_wai
     # 100 calls in 5 s at rate=20: the stage made every call its rate allowed. How many of its 4
     # workers spent the run waiting for their turn, rather than for input, is timing: the verdict
     # was "outside the pipeline" when fewer than about 2.4 of them did (CI failed on it once).
-    import dataclasses
-
     limited = dataclasses.replace(
         made("send", util=0.01, busy=0.05, cpu=0.05, workers=4),
         throttled_seconds=5.0 * waiting_workers,
@@ -126,8 +124,6 @@ def test_verdict_a_stage_at_its_rate_is_limited_by_rate_however_many_workers_wai
 
 def test_verdict_a_short_run_of_a_rate_limited_stage_that_never_waited_is_not_its_rate() -> None:
     # One call, at once: as many as rate=30 allows in that time, but the limit held nobody back.
-    import dataclasses
-
     quick = dataclasses.replace(
         made("send", util=0.01, busy=0.00002, cpu=0.00002, workers=4),
         items_in=1,
