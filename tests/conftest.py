@@ -14,8 +14,8 @@ import pytest
 
 from threadpipe._threads import drain
 
-# CI runs the suite a second time with the interpreter switching threads every microsecond
-# (``THREADPIPE_SWITCH_INTERVAL=1e-6``; the default is 5 ms): a thread then loses the interpreter
+# ``THREADPIPE_SWITCH_INTERVAL=1e-6 python -m pytest`` runs the suite with the interpreter
+# switching threads every microsecond (the default is 5 ms): a thread then loses the interpreter
 # lock between almost any two bytecodes, so an interleaving that a run meets once in a million at
 # the default comes up in every run. Tests that measure the pace the default gives are marked
 # ``default_switch_interval`` and skipped then.
