@@ -102,7 +102,8 @@ def main(argv: list[str]) -> int:
     names = ["nothing"]
     for name in args.libs.split(","):
         if name not in MODULES or name == "nothing":
-            parser.error(f"--libs: unknown library {name!r}; choose from {', '.join(MODULES)}")
+            known = ", ".join(lib for lib in MODULES if lib != "nothing")
+            parser.error(f"--libs: unknown library {name!r}; choose from {known}")
         if not installed(MODULES[name]):
             print(f"{name}: not installed, skipped (pip install -e '.[bench]')")
             continue

@@ -16,7 +16,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-BENCH_MODULES = ("run", "highc", "harness", "peers", "report", "sysinfo", "workloads")
+BENCH_MODULES = ("run", "highc", "imports", "harness", "peers", "report", "sysinfo", "workloads")
 
 
 @pytest.fixture
@@ -164,3 +164,37 @@ def test_highc_refuses_capped_references_when_references_are_skipped(
     assert "--carried-threads adds reference rows, which --no-floor skips" in (
         capsys.readouterr().err
     )
+
+
+def test_imports_times_each_library_in_fresh_interpreters_with_its_bytecode_compiled(
+    bench: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs each, with ``PYTHONDONTWRITEBYTECODE`` set here (the children drop it): a row per
+    library and one for the timing's floor, in milliseconds, the floor below threadpipe."""
+    import imports  # bench/imports.py
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    assert imports.main(["--reps", "2", "--libs", "threadpipe"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"nothing", "threadpipe"}
+    median_ms = float(rows["threadpipe"][2])
+    assert 0 < median_ms < 5000
+    assert float(rows["nothing"][2]) < median_ms  # importing a loaded module costs next to nothing
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--reps", "0"], "--reps must be at least 1, got 0"),
+        (["--libs", "threadpipe,pumps"], "--libs: unknown library 'pumps'"),
+    ],
+)
+def test_imports_refuses_bad_options_naming_them(
+    bench: None, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import imports  # bench/imports.py
+
+    with pytest.raises(SystemExit) as exit:
+        imports.main(argv)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err
