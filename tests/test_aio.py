@@ -1387,6 +1387,66 @@ def test_socket_io_goes_on_while_another_coroutine_keeps_the_loop_busy(
     assert loop_threads_gone()
 
 
+async def _spinner(done: threading.Event) -> int:
+    """Keep a callback ready at every turn of the loop (it never waits in the OS) until ``done``
+    is set (0), or 20 s passed (-1: a starved thread fails the test's assertion, no hang)."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while not done.is_set():
+        if asyncio.get_running_loop().time() > deadline:
+            return -1
+        await asyncio.sleep(0)
+    return 0
+
+
+def _twenty_naps(done: threading.Event) -> None:
+    """Sleep 1 ms twenty times, then set ``done``: each wake-up needs the interpreter lock back."""
+    for _ in range(20):
+        threading.Event().wait(0.001)
+    done.set()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("waiter", ["plain_thread", "thread_stage", "caller"])
+@pytest.mark.parametrize("workers", [2, 8])
+def test_a_busy_loop_lets_the_other_threads_of_the_process_run(waiter: str, workers: int) -> None:
+    # A coroutine that keeps the loop busy must not starve the process's other threads of the
+    # interpreter lock: a thread that wakes needs the lock to go on, and each time the loop let go
+    # of it for an instant and took it back, that thread's claim to it was reset. Item 0 spins
+    # until another thread has done work that needs the lock: a plain thread of yours, a thread
+    # stage of the same run, or your own thread reading the outputs.
+    done = threading.Event()
+
+    async def stage(item: int) -> int:
+        if item == 0:
+            return await _spinner(done)
+        return item
+
+    if waiter == "plain_thread":
+        helper = threading.Thread(target=_twenty_naps, args=(done,), name="test-naps")
+        helper.start()
+        outputs = Pipeline.from_iter(range(workers)).map(stage, workers=workers).to_list()
+        helper.join(20)
+    elif waiter == "thread_stage":
+
+        def nap_then_pass(x: int) -> int:
+            if x == 1:
+                _twenty_naps(done)
+            return x
+
+        pipeline = Pipeline.from_iter(range(workers)).map(stage, workers=workers, ordered=False)
+        outputs = sorted(pipeline.map(nap_then_pass))
+    else:
+        outputs = []
+        for x in Pipeline.from_iter(range(workers)).map(stage, workers=workers, ordered=False):
+            outputs.append(x)
+            if x:  # your loop got an output while item 0 spins: it had the lock
+                _twenty_naps(done)
+        outputs.sort()
+    assert outputs[0] == 0, f"{waiter}: starved of the interpreter lock for 20 s by a busy loop"
+    assert outputs == list(range(workers))
+    assert loop_threads_gone()
+
+
 @pytest.mark.timeout(60)
 def test_a_busy_loop_polls_for_io_at_least_every_few_ms_and_less_than_every_turn() -> None:
     # The pacing itself: while a coroutine keeps a callback ready for ~100 ms, the loop asks the

@@ -41,13 +41,14 @@ running finish and wait, at most ``workers`` of them, and the stage starts no ne
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from functools import partial
 from itertools import islice
-from time import perf_counter
+from time import perf_counter, sleep
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar, cast
 
 from ._calls import RateLimiter, attempts_async, handle, open_resource_async
@@ -77,8 +78,11 @@ LOOP_THREAD_NAME: Final = "threadpipe-loop-0"
 # keep a thread around.
 _LINGER: Final = 0.1
 
-# How long a busy loop may go without asking the OS for I/O events (see ``_paced``).
+# How long a busy loop may go without asking the OS for I/O events (see ``_paced``), and how long it
+# lets go of the interpreter lock, once per switch interval of being busy, so that the process's
+# other threads get it.
 _POLL_EVERY: Final = 0.0005
+_YIELD_FOR: Final = 0.00005
 
 _EMPTY: Final = object()  # the async feeder's slot holds no item
 _END_OF_SOURCE: Final = object()  # the async source is exhausted
@@ -276,7 +280,8 @@ def _settle(handed: asyncio.Future[None]) -> None:
 
 
 def _paced(loop: asyncio.AbstractEventLoop) -> None:
-    """Let the loop, while callbacks are ready, poll for I/O only every ``_POLL_EVERY`` seconds.
+    """Let the loop, while callbacks are ready, poll for I/O only every ``_POLL_EVERY`` seconds,
+    and give the process's other threads the interpreter lock once every switch interval.
 
     A selector loop with callbacks ready asks the OS for I/O events at every turn without waiting
     (``select(0)``), and lets go of the interpreter lock for that call. When another thread wants
@@ -284,19 +289,32 @@ def _paced(loop: asyncio.AbstractEventLoop) -> None:
     switches each: with one or two workers per stage, about a quarter of what a call cost. Paced,
     a turn with callbacks ready polls only once the last poll is ``_POLL_EVERY`` old, so I/O that
     became ready while the loop was busy is seen at the first turn after that, not at the next
-    one; a turn with nothing ready waits in the OS as before. A loop without a selector (the
-    Windows proactor, uvloop or another policy's own loop) is left as it is.
+    one; a turn with nothing ready waits in the OS as before.
+
+    Pacing alone starves the other threads while the loop stays busy: each poll lets go of the
+    lock for an instant and takes it back before a waiting thread can, and that counts as a
+    switch, so the waiting thread never asks the interpreter to force one (it asks only after a
+    whole switch interval without any). So once per switch interval of being busy the loop
+    sleeps ``_YIELD_FOR`` seconds, without the lock, long enough for a woken thread to take it:
+    about 1 % of a busy loop's time. A loop without a selector (the Windows proactor, uvloop or
+    another policy's own loop) is left as it is.
     """
     selector: Any = getattr(loop, "_selector", None)
     select = getattr(selector, "select", None)
     if select is None:
         return
-    polled = perf_counter()
+    polled = yielded = perf_counter()
+    every = sys.getswitchinterval()
 
     def paced(timeout: float | None = None) -> Any:
-        nonlocal polled
-        if timeout is not None and timeout <= 0 and perf_counter() - polled < _POLL_EVERY:
-            return []  # busy, and polled a moment ago: run the ready callbacks first
+        nonlocal polled, yielded
+        if timeout is not None and timeout <= 0:
+            now = perf_counter()
+            if now - polled < _POLL_EVERY:
+                return []  # busy, and polled a moment ago: run the ready callbacks first
+            if now - yielded >= every:
+                sleep(_YIELD_FOR)  # busy for a switch interval: let the other threads in
+                yielded = now
         events = select(timeout)
         polled = perf_counter()
         return events
