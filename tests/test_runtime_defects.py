@@ -46,12 +46,17 @@ def _run_threads() -> list[threading.Thread]:
 
 
 def _threads_gone(before: set[threading.Thread] | None = None, timeout: float = _PROMPT) -> list[str]:
-    """Wait (bounded) for the threadpipe threads not in ``before`` to exit; the names still alive."""
+    """Wait (bounded) until the threadpipe threads not in ``before`` have exited or parked; the
+    names of those still serving a run. A pooled thread parks when its job is done, renamed
+    (``threadpipe.idle``), and exits only after its idle time: joining it would wait for that."""
     before = before or set()
     deadline = time.monotonic() + timeout
     for t in _run_threads():
         if t not in before:
-            t.join(max(0.0, deadline - time.monotonic()))
+            while t.name.startswith("threadpipe-") and time.monotonic() < deadline:
+                t.join(min(0.01, max(0.0, deadline - time.monotonic())))
+                if not t.is_alive():
+                    break
     return [t.name for t in _run_threads() if t not in before and t.is_alive()]
 
 
