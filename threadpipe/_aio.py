@@ -308,8 +308,8 @@ def _paced(loop: asyncio.AbstractEventLoop) -> None:
 
     def paced(timeout: float | None = None) -> Any:
         nonlocal polled, yielded
+        now = perf_counter()
         if timeout is not None and timeout <= 0:
-            now = perf_counter()
             if now - polled < _POLL_EVERY:
                 return []  # busy, and polled a moment ago: run the ready callbacks first
             if now - yielded >= every:
@@ -317,6 +317,8 @@ def _paced(loop: asyncio.AbstractEventLoop) -> None:
                 yielded = now
         events = select(timeout)
         polled = perf_counter()
+        if polled - now >= _YIELD_FOR:
+            yielded = polled  # it waited in the OS, without the lock: the others had their turn
         return events
 
     selector.select = paced
