@@ -76,12 +76,6 @@ def import_seconds(module: str, cache: str) -> float:
     return float(done.stdout.strip())
 
 
-def installed(module: str) -> bool:
-    """Whether ``module`` imports in this interpreter (peers are optional: ``.[bench]``)."""
-    probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, check=False)
-    return probe.returncode == 0
-
-
 def cell(seconds: Sequence[float]) -> str:
     """Median (min-max) in milliseconds."""
     ms = [s * 1000 for s in seconds]
@@ -89,28 +83,28 @@ def cell(seconds: Sequence[float]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    libraries = [name for name in MODULES if name != "nothing"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=21, help="fresh interpreters per library")
     parser.add_argument(
-        "--libs",
-        default=",".join(name for name in MODULES if name != "nothing"),
-        help=f"comma-separated, from {', '.join(name for name in MODULES if name != 'nothing')}",
+        "--libs", default=",".join(libraries), help=f"comma-separated, from {', '.join(libraries)}"
     )
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error(f"--reps must be at least 1, got {args.reps}")
-    names = ["nothing"]
-    for name in args.libs.split(","):
-        if name not in MODULES or name == "nothing":
-            known = ", ".join(lib for lib in MODULES if lib != "nothing")
-            parser.error(f"--libs: unknown library {name!r}; choose from {known}")
-        if not installed(MODULES[name]):
-            print(f"{name}: not installed, skipped (pip install -e '.[bench]')")
-            continue
-        names.append(name)
+    wanted = args.libs.split(",")
+    for name in wanted:
+        if name not in libraries:
+            parser.error(f"--libs: unknown library {name!r}; choose from {', '.join(libraries)}")
+    names = []
     with tempfile.TemporaryDirectory(prefix="threadpipe-bench-pycache-") as cache:
-        for name in names:
-            import_seconds(MODULES[name], cache)  # writes the bytecode
+        for name in ["nothing", *wanted]:
+            try:
+                import_seconds(MODULES[name], cache)  # writes the bytecode
+            except RuntimeError:  # peers are optional: ``.[bench]``
+                print(f"{name}: not installed, skipped (pip install -e '.[bench]')")
+                continue
+            names.append(name)
         times: dict[str, list[float]] = {name: [] for name in names}
         for rep in range(args.reps):
             shift = rep % len(names)
